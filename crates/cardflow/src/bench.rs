@@ -1,0 +1,632 @@
+//! `cardflow bench`: brings up a system of its own (a fresh database and topic
+//! prefix, gateway, worker and relay as child processes of this binary), drives it
+//! with signed HTTP requests, and prints throughput and latency beside what the same
+//! Postgres does with pgbench and what the broker's round trip costs. After the run it
+//! audits the ledger and checks conservation: a run that breaks an invariant fails.
+
+use anyhow::{bail, Context};
+use cardflow_bus::rdkafka::consumer::{Consumer, StreamConsumer};
+use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
+use cardflow_bus::rdkafka::util::Timeout;
+use cardflow_bus::rdkafka::{Offset, TopicPartitionList};
+use cardflow_bus::{BusConfig, Topics};
+use cardflow_domain::command::SCHEMA_VERSION;
+use cardflow_domain::{
+    AspId, CardNo, ClientTimeZone, CorrelationId, Money, ReplyAddress, TransferCommand, TransferRequest, UserId,
+};
+use cardflow_gateway::client::{self, Credentials, SignOptions};
+use clap::Args;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use rand_distr::Distribution;
+use serde_json::json;
+use sqlx::PgPool;
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const ASP: &str = "BENCHASP0000001";
+const ACCESS_KEY: &str = "BENCHACCESSKEY00000000000000000000000001";
+const SECRET: &str = "bench-secret";
+const AFFILIATE: &str = "AFBENCH00001";
+const FIRST_USER: u64 = 3_000_000_000;
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Concurrent clients of the load generator (closed loop).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Seconds per measured phase.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    #[arg(long, default_value_t = 1000)]
+    members: u64,
+    #[arg(long, default_value_t = 4)]
+    cards_per_member: u64,
+    /// `uniform` or `zipf` (hot members).
+    #[arg(long, default_value = "zipf")]
+    skew: String,
+    /// Commands pre-loaded for the worker drain measurement.
+    #[arg(long, default_value_t = 20_000)]
+    drain_commands: u64,
+    /// pgbench run length in seconds (0 skips the reference).
+    #[arg(long, default_value_t = 15)]
+    pgbench_seconds: u64,
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Worker processes.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Write every figure as JSON here.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Tiny numbers, for a smoke run.
+    #[arg(long)]
+    quick: bool,
+}
+
+struct Roles {
+    children: Vec<(String, Child, Option<std::process::ChildStdin>)>,
+}
+
+impl Drop for Roles {
+    fn drop(&mut self) {
+        for (_, child, stdin) in self.children.iter_mut() {
+            drop(stdin.take());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Env {
+    database_url: String,
+    bus: BusConfig,
+    http_port: u16,
+    group: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn(env: &Env, roles: &mut Roles, role: &str) -> anyhow::Result<()> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg(role)
+        .env("DATABASE_URL", &env.database_url)
+        .env("KAFKA_BROKERS", &env.bus.brokers)
+        .env("KAFKA_TOPIC_PREFIX", env.bus.topics.commands.trim_end_matches("transfer.commands"))
+        .env("KAFKA_PARTITIONS", env.bus.partitions.to_string())
+        .env("HTTP_ADDR", format!("127.0.0.1:{}", env.http_port))
+        .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("WORKER_GROUP_ID", &env.group)
+        .env("REPLY_DEADLINE_MS", "30000")
+        .env("GATEWAY_DB_POOL", "32")
+        .env("CARDFLOW_EXIT_ON_STDIN_EOF", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn()?;
+    let stdin = child.stdin.take();
+    roles.children.push((role.to_string(), child, stdin));
+    Ok(())
+}
+
+async fn wait_ready(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+            if r.status().is_success() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("the gateway did not become ready")
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    let (base, query) = url.split_once('?').map(|(b, q)| (b, Some(q))).unwrap_or((url, None));
+    let cut = base.rfind('/').unwrap_or(base.len());
+    format!("{}/{db}{}", &base[..cut], query.map(|q| format!("?{q}")).unwrap_or_default())
+}
+
+async fn seed(pool: &PgPool, members: u64, cards: u64) -> anyhow::Result<()> {
+    let fixture = json!({
+        "affiliates": [{"affiliateId": AFFILIATE, "name": "Bench"}],
+        "asps": [{"aspId": ASP, "affiliateId": AFFILIATE, "accessKeys": [{"accessKey": ACCESS_KEY, "signingSecret": SECRET}]}],
+        "products": [{"productId": "BENCH", "ownerAffiliateId": AFFILIATE, "kind": "PREPAID", "collectionAllowed": true,
+                      "maxBalance": 1_000_000_000_000u64, "minUsageRate": null}]
+    });
+    cardflow_ledger::Fixture::from_json(&fixture.to_string())?.load(pool).await?;
+    sqlx::query("INSERT INTO members (user_id, affiliate_id) SELECT $1 + g, $2 FROM generate_series(0, $3 - 1) g")
+        .bind(rust_decimal::Decimal::from(FIRST_USER))
+        .bind(AFFILIATE)
+        .bind(members as i64)
+        .execute(pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO cards (card_no, user_id, product_id, status, balance, opening_balance, total_loaded, expires_on)
+         SELECT lpad((7000000000000000 + m * 100 + c)::text, 16, '0'), $1 + m, 'BENCH', 'ACTIVE', 10000000, 10000000, 10000000, '2099-12-31'
+         FROM generate_series(0, $2 - 1) m, generate_series(0, $3 - 1) c",
+    )
+    .bind(rust_decimal::Decimal::from(FIRST_USER))
+    .bind(members as i64)
+    .bind(cards as i64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+fn card_no(member: u64, card: u64) -> String {
+    format!("{:016}", 7_000_000_000_000_000u64 + member * 100 + card)
+}
+
+/// Which member and cards the next transfer touches.
+#[derive(Clone)]
+enum Picker {
+    Uniform {
+        members: u64,
+        cards: u64,
+    },
+    Zipf {
+        dist: rand_distr::Zipf<f64>,
+        cards: u64,
+    },
+    /// Every transfer touches card 0 of member 0.
+    HotCard {
+        cards: u64,
+    },
+}
+
+impl Picker {
+    fn pick(&self, rng: &mut impl Rng) -> (u64, u64, u64) {
+        let (member, cards) = match self {
+            Picker::Uniform { members, cards } => (rng.gen_range(0..*members), *cards),
+            Picker::Zipf { dist, cards } => (dist.sample(rng) as u64 - 1, *cards),
+            Picker::HotCard { cards } => {
+                let other = rng.gen_range(1..*cards);
+                return if rng.gen_bool(0.5) { (0, 0, other) } else { (0, other, 0) };
+            }
+        };
+        let from = rng.gen_range(0..cards);
+        let to = (from + rng.gen_range(1..cards)) % cards;
+        (member, from, to)
+    }
+}
+
+fn body(member: u64, from: u64, to: u64, amount: u64) -> String {
+    format!(
+        r#"{{"userId":{},"fromCardNo":"{}","toCardNo":"{}","amount":{amount}}}"#,
+        FIRST_USER + member,
+        card_no(member, from),
+        card_no(member, to)
+    )
+}
+
+#[derive(Default)]
+struct LoadResult {
+    sent: u64,
+    codes: BTreeMap<String, u64>,
+    errors: u64,
+    elapsed: Duration,
+    latency_us: Option<Histogram<u64>>,
+}
+
+impl LoadResult {
+    fn tps(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct_ms(&self, q: f64) -> f64 {
+        self.latency_us.as_ref().map(|h| h.value_at_quantile(q) as f64 / 1000.0).unwrap_or(0.0)
+    }
+    fn max_ms(&self) -> f64 {
+        self.latency_us.as_ref().map(|h| h.max() as f64 / 1000.0).unwrap_or(0.0)
+    }
+}
+
+/// Drives the gateway for `duration` with `concurrency` clients. With `rate`, each
+/// client paces itself so that together they offer about `rate` requests per second.
+async fn load(
+    port: u16,
+    picker: Picker,
+    concurrency: usize,
+    duration: Duration,
+    asynchronous: bool,
+    rate: Option<f64>,
+) -> LoadResult {
+    let creds = Credentials {
+        asp_id: ASP.into(),
+        access_key: ACCESS_KEY.into(),
+        signing_secret: SECRET.into(),
+        crypto_key: None,
+    };
+    let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
+    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
+    let codes = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+    let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + duration;
+    let per_client_interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (creds, http, hist, codes, errors, picker) =
+                (creds.clone(), http.clone(), hist.clone(), codes.clone(), errors.clone(), picker.clone());
+            tokio::spawn(async move {
+                let tz = ClientTimeZone::parse("UTC").unwrap();
+                let mut next = Instant::now();
+                while Instant::now() < until {
+                    if let Some(iv) = per_client_interval {
+                        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                        next += iv.mul_f64(jitter);
+                        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    let (m, f, t, amount) = {
+                        let mut rng = rand::thread_rng();
+                        let (m, f, t) = picker.pick(&mut rng);
+                        (m, f, t, rng.gen_range(1..=100))
+                    };
+                    let raw = body(m, f, t, amount);
+                    let signed = client::sign(
+                        &creds,
+                        SignOptions {
+                            method: "POST",
+                            path: cardflow_gateway::TRANSFER_PATH,
+                            body: raw.as_bytes(),
+                            encrypt: false,
+                            correlation_id: None,
+                            time_zone: tz,
+                            now: chrono::Utc::now(),
+                        },
+                    );
+                    let mut req = http.post(format!("http://127.0.0.1:{port}{}", signed.path)).body(signed.body);
+                    for (k, v) in &signed.headers {
+                        req = req.header(k, v);
+                    }
+                    if asynchronous {
+                        req = req.header("Prefer", "respond-async");
+                    }
+                    let sent = Instant::now();
+                    match req.send().await {
+                        Ok(resp) => {
+                            let text = resp.text().await.unwrap_or_default();
+                            let code = serde_json::from_str::<serde_json::Value>(&text)
+                                .ok()
+                                .and_then(|v| v["code"].as_str().map(str::to_string))
+                                .unwrap_or_else(|| "unreadable".into());
+                            hist.lock().unwrap().saturating_record(sent.elapsed().as_micros() as u64);
+                            *codes.lock().unwrap().entry(code).or_default() += 1;
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    futures::future::join_all(tasks).await;
+    let codes = codes.lock().unwrap().clone();
+    let latency = hist.lock().unwrap().clone();
+    LoadResult {
+        sent: codes.values().sum(),
+        codes,
+        errors: errors.load(std::sync::atomic::Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        latency_us: Some(latency),
+    }
+}
+
+async fn decided(pool: &PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM transfers WHERE status <> 'PENDING'").fetch_one(pool).await?)
+}
+
+/// Waits until `target` transfers are decided; returns the time of the last poll
+/// that saw none of them yet (the start of the work, within one poll) and the time
+/// the target was reached.
+async fn wait_decided(pool: &PgPool, base: i64, target: i64, timeout: Duration) -> anyhow::Result<(Instant, Instant)> {
+    let deadline = Instant::now() + timeout;
+    let mut before_first = Instant::now();
+    let mut started = false;
+    loop {
+        let polled = Instant::now();
+        let n = decided(pool).await?;
+        if n >= target {
+            return Ok((before_first, Instant::now()));
+        }
+        if n > base {
+            started = true;
+        } else if !started {
+            before_first = polled;
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {} transfers were applied in {timeout:?}", n - base, target - base);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn pgbench(database_url: &str, admin_url: &str, seconds: u64) -> anyhow::Result<f64> {
+    let bin = ["/usr/bin/pgbench"]
+        .into_iter()
+        .map(str::to_string)
+        .chain(
+            std::fs::read_dir("/usr/lib/postgresql")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|d| d.path().join("bin/pgbench").display().to_string()),
+        )
+        .find(|p| std::path::Path::new(p).exists())
+        .context("pgbench not found (Debian: postgresql-client / postgresql)")?;
+    let _ = admin_url;
+    let init = Command::new(&bin).args(["-i", "-q", "-s", "8", database_url]).output()?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    let run =
+        Command::new(&bin).args(["-c", "8", "-j", "2", "-T", &seconds.to_string(), "-n", database_url]).output()?;
+    let out = String::from_utf8_lossy(&run.stdout);
+    let tps = out
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l["tps = ".len()..].split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no tps line in pgbench output")?;
+    Ok(tps)
+}
+
+async fn broker_round_trip(bus: &BusConfig, samples: usize) -> anyhow::Result<(f64, f64)> {
+    let topic = bus.topics.dlq.replace("transfer.commands.dlq", "bench.rtt");
+    let admin_bus = BusConfig { topics: Topics { commands: topic.clone(), ..bus.topics.clone() }, ..bus.clone() };
+    admin_bus.ensure_topics().await?;
+    let producer: FutureProducer = bus.producer(0)?;
+    let consumer: StreamConsumer = bus.assigned_consumer()?;
+    let (_, high) = consumer.fetch_watermarks(&topic, 0, Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(high))?;
+    consumer.assign(&tpl)?;
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for i in 0..samples {
+        let started = Instant::now();
+        let payload = i.to_string();
+        producer
+            .send(
+                FutureRecord::to(&topic).key("k").payload(&payload).partition(0),
+                Timeout::After(Duration::from_secs(10)),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await??;
+        hist.saturating_record(started.elapsed().as_micros() as u64);
+    }
+    Ok((hist.value_at_quantile(0.5) as f64 / 1000.0, hist.value_at_quantile(0.99) as f64 / 1000.0))
+}
+
+/// Pre-loads `commands` into a commands topic no worker reads yet, then starts a
+/// worker on it and times how fast it applies them. The drain uses topics and a
+/// consumer group of its own, so no running worker has to leave or join a group.
+async fn drain(env: &Env, roles: &mut Roles, pool: &PgPool, picker: &Picker, commands: u64) -> anyhow::Result<f64> {
+    let prefix = env.bus.topics.commands.trim_end_matches("transfer.commands");
+    let env = &Env {
+        database_url: env.database_url.clone(),
+        bus: BusConfig { topics: Topics::with_prefix(&format!("{prefix}drain-")), ..env.bus.clone() },
+        http_port: env.http_port,
+        group: format!("{}-drain", env.group),
+    };
+    env.bus.ensure_topics().await?;
+    let producer: FutureProducer = env.bus.producer(5)?;
+    let base = decided(pool).await?;
+    let mut sends = Vec::new();
+    for _ in 0..commands {
+        let (m, f, t) = picker.pick(&mut rand::thread_rng());
+        let request = TransferRequest {
+            user_id: UserId::new(FIRST_USER + m)?,
+            from_card_no: CardNo::parse(&card_no(m, f))?,
+            to_card_no: CardNo::parse(&card_no(m, t))?,
+            amount: Some(Money::from_units(rand::thread_rng().gen_range(1..=100))),
+        };
+        let cmd = TransferCommand {
+            schema_version: SCHEMA_VERSION,
+            asp_id: AspId::parse(ASP)?,
+            correlation_id: CorrelationId::parse(&client::fresh_correlation_id(
+                chrono::Utc::now(),
+                ClientTimeZone::parse("UTC").unwrap(),
+            ))?,
+            fingerprint: request.fingerprint(),
+            request,
+            reply_to: ReplyAddress { topic: env.bus.topics.results.clone(), partition: env.bus.reply_partitions - 1 },
+            submitted_at: chrono::Utc::now(),
+        };
+        let payload = serde_json::to_vec(&cmd)?;
+        let key = cmd.request.from_card_no.to_string();
+        let producer = producer.clone();
+        let topic = env.bus.topics.commands.clone();
+        sends.push(async move {
+            producer
+                .send(FutureRecord::to(&topic).key(&key).payload(&payload), Timeout::After(Duration::from_secs(30)))
+                .await
+                .map_err(|(e, _)| e)
+        });
+        if sends.len() >= 2_000 {
+            for r in futures::future::join_all(std::mem::take(&mut sends)).await {
+                r?;
+            }
+        }
+    }
+    for r in futures::future::join_all(sends).await {
+        r?;
+    }
+    eprintln!("bench: {commands} commands pre-loaded; starting a worker on them");
+    spawn(env, roles, "worker")?;
+    let (first, last) = wait_decided(pool, base, base + commands as i64, Duration::from_secs(600)).await?;
+    Ok(commands as f64 / (last - first).as_secs_f64().max(0.001))
+}
+
+pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::Result<std::process::ExitCode> {
+    let mut a = args.clone();
+    if a.quick {
+        a.duration = 2;
+        a.members = 20;
+        a.drain_commands = 500;
+        a.pgbench_seconds = 2;
+        a.concurrency = a.concurrency.min(8);
+    }
+    let tag = format!("{}_{:06x}", chrono::Utc::now().format("%H%M%S"), rand::random::<u32>() & 0xffffff);
+    let db = format!("cardflow_bench_{tag}");
+    let admin = cardflow_ledger::connect(database_url, 1).await?;
+    sqlx::query(&format!("CREATE DATABASE \"{db}\"")).execute(&admin).await?;
+    let env = Env {
+        database_url: replace_db(database_url, &db),
+        bus: BusConfig {
+            brokers: brokers.to_string(),
+            topics: Topics::with_prefix(&format!("bench-{tag}-")),
+            partitions: a.partitions,
+            reply_partitions: 4,
+            replication: 1,
+        },
+        http_port: free_port(),
+        group: format!("bench-{tag}-worker"),
+    };
+    let pool = cardflow_ledger::connect(&env.database_url, 4).await?;
+    cardflow_ledger::migrate(&pool).await?;
+    seed(&pool, a.members, a.cards_per_member).await?;
+    env.bus.ensure_topics().await?;
+    let total_before = cardflow_ledger::audit::total_balance(&pool).await?;
+    eprintln!("bench: database {db}, topics bench-{tag}-*, {} members × {} cards", a.members, a.cards_per_member);
+
+    let mut figures = serde_json::Map::new();
+    let pgbench_tps = if a.pgbench_seconds > 0 {
+        let pgdb = format!("cardflow_pgbench_{tag}");
+        sqlx::query(&format!("CREATE DATABASE \"{pgdb}\"")).execute(&admin).await?;
+        eprintln!("bench: pgbench TPC-B-like -c 8 -j 2 -T {} …", a.pgbench_seconds);
+        let tps = pgbench(&replace_db(database_url, &pgdb), database_url, a.pgbench_seconds)?;
+        sqlx::query(&format!("DROP DATABASE \"{pgdb}\"")).execute(&admin).await?;
+        tps
+    } else {
+        0.0
+    };
+    figures.insert("pgbench_tps".into(), json!(pgbench_tps));
+
+    let (rtt_p50, rtt_p99) = broker_round_trip(&env.bus, if a.quick { 20 } else { 300 }).await?;
+    figures.insert("broker_rtt_p50_ms".into(), json!(rtt_p50));
+    figures.insert("broker_rtt_p99_ms".into(), json!(rtt_p99));
+
+    let mut roles = Roles { children: Vec::new() };
+    spawn(&env, &mut roles, "gateway")?;
+    spawn(&env, &mut roles, "relay")?;
+    for _ in 0..a.workers {
+        spawn(&env, &mut roles, "worker")?;
+    }
+    wait_ready(env.http_port).await?;
+    let picker = match a.skew.as_str() {
+        "uniform" => Picker::Uniform { members: a.members, cards: a.cards_per_member },
+        "zipf" => Picker::Zipf { dist: rand_distr::Zipf::new(a.members, 1.1)?, cards: a.cards_per_member },
+        other => bail!("unknown --skew {other}: uniform or zipf"),
+    };
+    let d = Duration::from_secs(a.duration);
+    // Warm up connections, the consumer group and the caches.
+    load(env.http_port, picker.clone(), 4, Duration::from_secs(2), false, None).await;
+
+    eprintln!("bench: sync, closed loop, {} clients …", a.concurrency);
+    let sync = load(env.http_port, picker.clone(), a.concurrency, d, false, None).await;
+    let half_rate = (sync.tps() / 2.0).max(1.0);
+    eprintln!("bench: sync at half the maximum ({half_rate:.0}/s) …");
+    let sync_half = load(env.http_port, picker.clone(), a.concurrency, d, false, Some(half_rate)).await;
+
+    eprintln!("bench: async (Prefer: respond-async) …");
+    let base = decided(&pool).await?;
+    let started = Instant::now();
+    let asynchronous = load(env.http_port, picker.clone(), a.concurrency, d, true, None).await;
+    let accepted = *asynchronous.codes.get("000_009").unwrap_or(&0) as i64;
+    let (_, applied_at) = wait_decided(&pool, base, base + accepted, Duration::from_secs(600)).await?;
+    let async_tps = accepted as f64 / (applied_at - started).as_secs_f64();
+
+    eprintln!("bench: hot card, every transfer touches one card …");
+    let hot = load(env.http_port, Picker::HotCard { cards: a.cards_per_member }, a.concurrency, d, false, None).await;
+
+    eprintln!("bench: worker drain of {} pre-loaded commands …", a.drain_commands);
+    let drain_tps = drain(&env, &mut roles, &pool, &picker, a.drain_commands).await?;
+    drop(roles);
+
+    let report = cardflow_ledger::audit::run(&pool).await?;
+    let total_after = cardflow_ledger::audit::total_balance(&pool).await?;
+    let conserved = total_after == total_before;
+
+    let ratio = |x: f64| if pgbench_tps > 0.0 { x / pgbench_tps } else { 0.0 };
+    for (name, r) in [("sync", &sync), ("sync_half", &sync_half), ("async_submit", &asynchronous), ("hot", &hot)] {
+        figures.insert(format!("{name}_tps"), json!(r.tps()));
+        for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")] {
+            figures.insert(format!("{name}_{label}_ms"), json!(r.pct_ms(q)));
+        }
+        figures.insert(format!("{name}_max_ms"), json!(r.max_ms()));
+        figures.insert(format!("{name}_codes"), json!(r.codes));
+        figures.insert(format!("{name}_errors"), json!(r.errors));
+    }
+    figures.insert("async_tps".into(), json!(async_tps));
+    figures.insert("drain_tps".into(), json!(drain_tps));
+    figures.insert("drain_vs_pgbench_ratio".into(), json!(ratio(drain_tps)));
+    figures.insert("async_vs_pgbench_ratio".into(), json!(ratio(async_tps)));
+    figures.insert("sync_half_rate".into(), json!(half_rate));
+    figures.insert("audit_passed".into(), json!(report.passed()));
+    figures.insert("conserved".into(), json!(conserved));
+    figures.insert("concurrency".into(), json!(a.concurrency));
+    figures.insert("workers".into(), json!(a.workers));
+    figures.insert("partitions".into(), json!(a.partitions));
+    figures.insert("skew".into(), json!(a.skew));
+
+    println!();
+    println!(
+        "cardflow bench ({} s phases, {} clients, {} skew, {} worker(s), {} partitions)",
+        a.duration, a.concurrency, a.skew, a.workers, a.partitions
+    );
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "phase", "tps", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+    );
+    for (name, r) in [
+        ("sync (closed loop, max)", &sync),
+        ("sync at half the max rate", &sync_half),
+        ("async submit (202)", &asynchronous),
+        ("hot card (sync)", &hot),
+    ] {
+        println!(
+            "{name:<34} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+            r.tps(),
+            r.pct_ms(0.5),
+            r.pct_ms(0.9),
+            r.pct_ms(0.99),
+            r.pct_ms(0.999),
+            r.max_ms()
+        );
+    }
+    println!("{:<34} {:>10.0}", "async applied end to end", async_tps);
+    println!("{:<34} {:>10.0}", "worker drain (commands/s)", drain_tps);
+    println!("{:<34} {:>10.0}", "pgbench TPC-B -c 8 -j 2 (tps)", pgbench_tps);
+    println!("{:<34} {:>10.2}", "drain / pgbench", ratio(drain_tps));
+    println!("{:<34} {:>10.2}", "async applied / pgbench", ratio(async_tps));
+    println!("{:<34} {:>10.1} / {:.1}", "broker round trip p50 / p99 (ms)", rtt_p50, rtt_p99);
+    println!(
+        "result codes (sync): {:?}; hot card: {:?}; transport errors: {}",
+        sync.codes,
+        hot.codes,
+        sync.errors + hot.errors
+    );
+    println!("audit: {}; money conserved: {conserved}", if report.passed() { "passed" } else { "FAILED" });
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(figures))?)?;
+        println!("figures written to {}", path.display());
+    }
+    if !report.passed() || !conserved {
+        for v in &report.violations {
+            eprintln!("VIOLATION {v}");
+        }
+        eprintln!("bench FAILED: the ledger's invariants do not hold");
+        return Ok(std::process::ExitCode::from(1));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -1,0 +1,369 @@
+//! `cardflow`: one binary, one subcommand per role or tool.
+
+mod bench;
+mod config;
+mod events;
+mod sign;
+
+use anyhow::Context;
+use cardflow_ledger::Fixture;
+use cardflow_telemetry::Metrics;
+use clap::{Parser, Subcommand};
+use config::{DatabaseArgs, GatewayArgs, KafkaArgs, MetricsArgs, RelayArgs, WorkerArgs};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "cardflow", version, about = "Card balance transfers: gateway, worker, relay and tools")]
+struct Cli {
+    /// `json` for one JSON object per log line; `text` for people.
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The HTTP API.
+    Gateway {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+    },
+    /// Applies transfer commands to the ledger.
+    Worker {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// Publishes the outbox.
+    Relay {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        relay: RelayArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// Gateway, worker and relay in one process.
+    All {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        relay: RelayArgs,
+    },
+    /// Applies the database migrations.
+    Migrate {
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Creates the Kafka topics that do not exist yet.
+    Topics {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+    /// Upserts reference data and cards from a JSON fixture.
+    Seed {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+    /// Checks the ledger's invariants; exits 1 naming each failing card.
+    Audit {
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Prints a signed request (a curl command or headers), or decrypts a response.
+    Sign(sign::SignArgs),
+    /// Republishes a card's card.balance events from the ledger (same event ids).
+    Replay {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long)]
+        card: String,
+        #[arg(long, default_value_t = 1)]
+        from_seq: i64,
+    },
+    /// Measures throughput and latency of a system it starts itself.
+    Bench {
+        #[command(flatten)]
+        db: DatabaseArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[command(flatten)]
+        bench: bench::BenchArgs,
+    },
+    /// Prints a topic's events as they arrive, for people debugging.
+    Tail {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// A topic: card.balance, transfer.events, transfer.results, transfer.commands(.dlq), or a full name.
+        topic: String,
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+}
+
+fn shutdown_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    // A supervisor (the test harness, a process manager) can tie our life to a pipe:
+    // when it closes our standard input, we shut down cleanly.
+    if std::env::var("CARDFLOW_EXIT_ON_STDIN_EOF").is_ok_and(|v| v == "1") {
+        let t = token.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = [0u8; 64];
+            while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            tracing::info!("standard input closed; shutting down");
+            t.cancel();
+        });
+    }
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn print_config(role: &str, lines: &[(&str, String)]) {
+    let mut text = format!("cardflow {} {role} configuration:", env!("CARGO_PKG_VERSION"));
+    for (k, v) in lines {
+        text.push_str(&format!("\n  {k:<24} {v}"));
+    }
+    tracing::info!("{text}");
+    Metrics::global().build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), role]).set(1);
+}
+
+fn common_lines(db: &DatabaseArgs, kafka: &KafkaArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("DATABASE_URL", db.masked()),
+        ("KAFKA_BROKERS", kafka.kafka_brokers.clone()),
+        ("KAFKA_TOPIC_PREFIX", format!("{:?}", kafka.kafka_topic_prefix)),
+        ("KAFKA_PARTITIONS", kafka.kafka_partitions.to_string()),
+        ("KAFKA_REPLY_PARTITIONS", kafka.kafka_reply_partitions.to_string()),
+    ]
+}
+
+fn gateway_lines(g: &GatewayArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("HTTP_ADDR", g.http_addr.to_string()),
+        ("GATEWAY_REPLY_PARTITION", g.reply_partition.to_string()),
+        ("REPLY_DEADLINE_MS", g.reply_deadline_ms.to_string()),
+        ("TRAN_TIME_WINDOW_SECS", g.tran_time_window_secs.to_string()),
+        ("KEY_CACHE_TTL_SECS", g.key_cache_ttl_secs.to_string()),
+        ("RATE_LIMIT_PER_ASP", if g.rate_limit_per_asp == 0 { "off".into() } else { g.rate_limit_per_asp.to_string() }),
+    ]
+}
+
+fn worker_lines(w: &WorkerArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("WORKER_GROUP_ID", w.worker_group_id.clone()),
+        ("WORKER_MAX_BATCH", w.worker_max_batch.to_string()),
+        ("WORKER_BATCH_LINGER_MS", w.worker_batch_linger_ms.to_string()),
+        ("PLATFORM_TIME_ZONE", w.platform_time_zone.to_string()),
+    ]
+}
+
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    shutdown: CancellationToken,
+    pool: sqlx::PgPool,
+) -> anyhow::Result<()> {
+    let router = cardflow_telemetry::router(move || {
+        let pool = pool.clone();
+        async move {
+            if cardflow_ledger::ping(&pool).await {
+                Ok(())
+            } else {
+                Err("database unreachable".to_string())
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "metrics listening");
+    axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Migrate { db } => {
+            let pool = cardflow_ledger::connect(&db.database_url, 2).await?;
+            cardflow_ledger::migrate(&pool).await?;
+            println!("migrations applied to {}", db.masked());
+        }
+        Command::Topics { kafka } => {
+            let bus = kafka.bus();
+            bus.ensure_topics().await?;
+            println!("topics ready: {}", bus.topics.all().join(", "));
+        }
+        Command::Seed { db, file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let fixture = Fixture::from_json(&text)?;
+            let pool = cardflow_ledger::connect(&db.database_url, 2).await?;
+            fixture.load(&pool).await?;
+            println!(
+                "seeded {} affiliates, {} ASPs, {} products, {} members, {} cards from {}",
+                fixture.affiliates.len(),
+                fixture.asps.len(),
+                fixture.products.len(),
+                fixture.members.len(),
+                fixture.cards.len(),
+                file.display()
+            );
+        }
+        Command::Audit { db } => {
+            let pool = cardflow_ledger::connect(&db.database_url, 2).await?;
+            let report = cardflow_ledger::audit::run(&pool).await?;
+            println!(
+                "audited {} cards, {} transfers, {} ledger entries",
+                report.cards, report.transfers, report.entries
+            );
+            if !report.passed() {
+                for v in &report.violations {
+                    println!("VIOLATION {v}");
+                }
+                println!("audit FAILED: {} violation(s)", report.violations.len());
+                return Ok(ExitCode::from(1));
+            }
+            println!("audit passed");
+        }
+        Command::Sign(args) => return sign::run(args),
+        Command::Replay { db, kafka, card, from_seq } => {
+            let pool = cardflow_ledger::connect(&db.database_url, 2).await?;
+            let n = events::replay(&pool, &kafka.bus(), &card, from_seq).await?;
+            println!("republished {n} card.balance event(s) of card {card} from sequence {from_seq}");
+        }
+        Command::Bench { db, kafka, bench } => {
+            return bench::run(bench, &db.database_url, &kafka.kafka_brokers).await;
+        }
+        Command::Tail { kafka, topic, from_beginning, limit } => {
+            events::tail(&kafka.bus(), &topic, from_beginning, limit).await?;
+        }
+        Command::Gateway { db, kafka, gateway } => {
+            let mut lines = common_lines(&db, &kafka);
+            lines.extend(gateway_lines(&gateway));
+            print_config("gateway", &lines);
+            let shutdown = shutdown_token();
+            let bus = kafka.bus();
+            bus.ensure_topics().await?;
+            let pool = cardflow_ledger::connect(&db.database_url, gateway.gateway_db_pool).await?;
+            let app = cardflow_gateway::build(gateway.config(), pool, bus).await?;
+            cardflow_gateway::serve(app, async move { shutdown.cancelled().await }).await?;
+        }
+        Command::Worker { db, kafka, worker, metrics } => {
+            let mut lines = common_lines(&db, &kafka);
+            lines.extend(worker_lines(&worker));
+            lines.push(("METRICS_ADDR", metrics.metrics_addr.to_string()));
+            print_config("worker", &lines);
+            let shutdown = shutdown_token();
+            let bus = kafka.bus();
+            bus.ensure_topics().await?;
+            let pool = cardflow_ledger::connect(&db.database_url, worker.worker_db_pool).await?;
+            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone()));
+            cardflow_worker::run_worker(worker.config(), pool, bus, shutdown).await?;
+        }
+        Command::Relay { db, kafka, relay, metrics } => {
+            let mut lines = common_lines(&db, &kafka);
+            lines.push(("RELAY_BATCH", relay.relay_batch.to_string()));
+            lines.push(("METRICS_ADDR", metrics.metrics_addr.to_string()));
+            print_config("relay", &lines);
+            let shutdown = shutdown_token();
+            let bus = kafka.bus();
+            bus.ensure_topics().await?;
+            let pool = cardflow_ledger::connect(&db.database_url, 4).await?;
+            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone()));
+            cardflow_worker::run_relay(relay.config(), pool, bus, shutdown).await?;
+        }
+        Command::All { db, kafka, gateway, worker, relay } => {
+            let mut lines = common_lines(&db, &kafka);
+            lines.extend(gateway_lines(&gateway));
+            lines.extend(worker_lines(&worker));
+            print_config("all", &lines);
+            let shutdown = shutdown_token();
+            let bus = kafka.bus();
+            bus.ensure_topics().await?;
+            let worker_pool = cardflow_ledger::connect(&db.database_url, worker.worker_db_pool).await?;
+            let relay_pool = cardflow_ledger::connect(&db.database_url, 4).await?;
+            let gateway_pool = cardflow_ledger::connect(&db.database_url, gateway.gateway_db_pool).await?;
+            let mut worker_task =
+                tokio::spawn(cardflow_worker::run_worker(worker.config(), worker_pool, bus.clone(), shutdown.clone()));
+            let mut relay_task =
+                tokio::spawn(cardflow_worker::run_relay(relay.config(), relay_pool, bus.clone(), shutdown.clone()));
+            let app = cardflow_gateway::build(gateway.config(), gateway_pool, bus).await?;
+            let s = shutdown.clone();
+            let serve = cardflow_gateway::serve(app, async move { s.cancelled().await });
+            // One process, one fate: if a role dies, stop the others and exit with an
+            // error so the supervisor restarts the whole process.
+            tokio::select! {
+                served = serve => {
+                    served?;
+                    shutdown.cancel();
+                    worker_task.await??;
+                    relay_task.await??;
+                }
+                ended = &mut worker_task => {
+                    if !shutdown.is_cancelled() {
+                        shutdown.cancel();
+                        anyhow::bail!("the worker stopped: {:?}", ended.map(|r| r.map_err(|e| e.to_string())));
+                    }
+                }
+                ended = &mut relay_task => {
+                    if !shutdown.is_cancelled() {
+                        shutdown.cancel();
+                        anyhow::bail!("the relay stopped: {:?}", ended.map(|r| r.map_err(|e| e.to_string())));
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    cardflow_telemetry::init_logging(cli.log_format == "json");
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

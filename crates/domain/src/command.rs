@@ -1,0 +1,149 @@
+//! What travels on Kafka: the transfer command, its result, and the events
+//! downstream consumers build on. Every message carries a schema version so that
+//! consumers can refuse what they do not understand instead of misreading it.
+//! Amounts travel as decimal strings: no consumer has to trust a float.
+
+use crate::{AspId, CardNo, CorrelationId, Money, ResultCode, TransferRequest, UserId};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Where the gateway that waits for a result reads: one partition of the results
+/// topic, owned by that gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplyAddress {
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// A request to move balance, as the gateway publishes it (key: `fromCardNo`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferCommand {
+    pub schema_version: u32,
+    pub asp_id: AspId,
+    pub correlation_id: CorrelationId,
+    pub request: TransferRequest,
+    /// `TransferRequest::fingerprint`, so a reused correlation id can be told apart.
+    pub fingerprint: String,
+    pub reply_to: ReplyAddress,
+    pub submitted_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TransferOutcome {
+    Completed,
+    Rejected,
+}
+
+/// The answer to one command (key: correlation id), sent to the command's reply
+/// address. A repeated command gets the stored result of the first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferResult {
+    pub schema_version: u32,
+    pub asp_id: AspId,
+    pub correlation_id: CorrelationId,
+    /// The transfer this result decided; absent for `000_008`, which decides nothing.
+    pub transfer_id: Option<Uuid>,
+    pub outcome: TransferOutcome,
+    pub code: String,
+    pub message: String,
+    /// The amount moved; present on success only.
+    pub amount: Option<Money>,
+    pub decided_at: DateTime<Utc>,
+}
+
+impl TransferResult {
+    pub fn result_code(&self) -> ResultCode {
+        ResultCode::from_code(&self.code).unwrap_or(ResultCode::TransferFailed)
+    }
+}
+
+/// One balance change of one card (topic `card.balance`, key: card number). The
+/// per-card `sequence` has no gaps, so a consumer can detect a lost or repeated
+/// event; `eventId` is stable across replays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BalanceEvent {
+    pub schema_version: u32,
+    pub event_id: Uuid,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    pub card_no: CardNo,
+    pub user_id: UserId,
+    pub transfer_id: Uuid,
+    pub correlation_id: CorrelationId,
+    #[serde(with = "rust_decimal::serde::str")]
+    pub delta: Decimal,
+    pub balance_after: Money,
+    pub sequence: i64,
+}
+
+pub const BALANCE_CHANGED: &str = "card.balance.changed";
+
+/// A transfer that completed or was rejected (topic `transfer.events`, key:
+/// `fromCardNo`), for audit and analytics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferEvent {
+    pub schema_version: u32,
+    pub event_id: Uuid,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub occurred_at: DateTime<Utc>,
+    pub transfer_id: Uuid,
+    pub asp_id: AspId,
+    pub correlation_id: CorrelationId,
+    pub user_id: UserId,
+    pub from_card_no: CardNo,
+    pub to_card_no: CardNo,
+    pub requested_amount: Option<Money>,
+    pub amount: Option<Money>,
+    pub code: String,
+    pub message: String,
+}
+
+pub const TRANSFER_COMPLETED: &str = "transfer.completed";
+pub const TRANSFER_REJECTED: &str = "transfer.rejected";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_round_trips_through_json_with_the_largest_user_id() {
+        let cmd = TransferCommand {
+            schema_version: SCHEMA_VERSION,
+            asp_id: AspId::parse("DEMOASP00000001").unwrap(),
+            correlation_id: CorrelationId::parse("261124153000-00000a1").unwrap(),
+            request: TransferRequest {
+                user_id: UserId::new(UserId::MAX).unwrap(),
+                from_card_no: CardNo::parse("9410000000000001").unwrap(),
+                to_card_no: CardNo::parse("9410000000000002").unwrap(),
+                amount: Some(Money::from_units(999_999_999_999)),
+            },
+            fingerprint: "f".into(),
+            reply_to: ReplyAddress { topic: "transfer.results".into(), partition: 3 },
+            submitted_at: Utc::now(),
+        };
+        let json = serde_json::to_string(&cmd).unwrap();
+        assert!(json.contains("9999999999999999999"));
+        assert!(json.contains("\"999999999999\""), "amounts travel as strings: {json}");
+        let back: TransferCommand = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cmd);
+    }
+
+    #[test]
+    fn a_command_with_a_bad_card_number_does_not_decode() {
+        let json = r#"{"schemaVersion":1,"aspId":"DEMOASP00000001","correlationId":"261124153000-00000a1",
+          "request":{"userId":1,"fromCardNo":"12","toCardNo":"9410000000000002","amount":null},
+          "fingerprint":"f","replyTo":{"topic":"t","partition":0},"submittedAt":"2026-11-24T00:00:00Z"}"#;
+        assert!(serde_json::from_str::<TransferCommand>(json).is_err());
+    }
+}

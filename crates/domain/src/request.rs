@@ -1,0 +1,199 @@
+//! The body of `POST /api/v1/transfer/balance`, parsed from JSON exactly as the spec
+//! and the result-code table say: a missing or null required field is `000_003`, a
+//! value of the wrong type, length, format or range is `000_004`, a body that is not
+//! a JSON object is `000_005`. Fields are checked in the spec's order, so the first
+//! bad field is the one named.
+
+use crate::{CardNo, Money, ResultCode, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferRequest {
+    pub user_id: UserId,
+    pub from_card_no: CardNo,
+    pub to_card_no: CardNo,
+    /// `None` (absent, null) and zero both mean "the whole balance".
+    pub amount: Option<Money>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} {}", code.code(), code.message_with(field.as_deref()))]
+pub struct RequestError {
+    pub code: ResultCode,
+    pub field: Option<String>,
+}
+
+impl RequestError {
+    pub fn missing(field: &str) -> Self {
+        Self { code: ResultCode::MissingRequiredValue, field: Some(field.to_string()) }
+    }
+    pub fn invalid(field: &str) -> Self {
+        Self { code: ResultCode::InvalidValue, field: Some(field.to_string()) }
+    }
+    pub fn malformed() -> Self {
+        Self { code: ResultCode::MalformedBody, field: None }
+    }
+}
+
+fn required<'a>(obj: &'a serde_json::Map<String, Value>, field: &str) -> Result<&'a Value, RequestError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Err(RequestError::missing(field)),
+        Some(v) => Ok(v),
+    }
+}
+
+fn card_no(obj: &serde_json::Map<String, Value>, field: &str) -> Result<CardNo, RequestError> {
+    match required(obj, field)? {
+        Value::String(s) => CardNo::parse(s).map_err(|_| RequestError::invalid(field)),
+        _ => Err(RequestError::invalid(field)),
+    }
+}
+
+impl TransferRequest {
+    /// Parses raw body bytes. Unknown extra fields are ignored.
+    pub fn from_json_bytes(body: &[u8]) -> Result<Self, RequestError> {
+        let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::malformed())?;
+        Self::from_json(&value)
+    }
+
+    pub fn from_json(value: &Value) -> Result<Self, RequestError> {
+        let obj = value.as_object().ok_or_else(RequestError::malformed)?;
+        let user_id = match required(obj, "userId")? {
+            Value::Number(n) => UserId::parse(&n.to_string()).map_err(|_| RequestError::invalid("userId"))?,
+            _ => return Err(RequestError::invalid("userId")),
+        };
+        let from_card_no = card_no(obj, "fromCardNo")?;
+        let to_card_no = card_no(obj, "toCardNo")?;
+        let amount = match obj.get("amount") {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => {
+                Some(Money::parse_request_amount(&n.to_string()).map_err(|_| RequestError::invalid("amount"))?)
+            }
+            Some(_) => return Err(RequestError::invalid("amount")),
+        };
+        Ok(TransferRequest { user_id, from_card_no, to_card_no, amount })
+    }
+
+    /// The amount asked for, with "whole balance" as zero.
+    pub fn requested_amount(&self) -> Money {
+        self.amount.unwrap_or(Money::ZERO)
+    }
+
+    /// A fingerprint of what the request asks for. The same correlation id with a
+    /// different fingerprint is a different request (`000_008`). Null and zero amounts
+    /// ask for the same thing, so they hash alike.
+    pub fn fingerprint(&self) -> String {
+        let canonical =
+            format!("v1|{}|{}|{}|{}", self.user_id, self.from_card_no, self.to_card_no, self.requested_amount());
+        hex::encode(Sha256::digest(canonical.as_bytes()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<TransferRequest, RequestError> {
+        TransferRequest::from_json(&v)
+    }
+
+    fn body() -> Value {
+        json!({"userId": 1001, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002", "amount": 30000})
+    }
+
+    #[test]
+    fn a_complete_body_parses() {
+        let r = parse(body()).unwrap();
+        assert_eq!(r.user_id.get(), 1001);
+        assert_eq!(r.amount, Some(Money::from_units(30000)));
+    }
+
+    #[test]
+    fn each_missing_or_null_required_field_is_named() {
+        for field in ["userId", "fromCardNo", "toCardNo"] {
+            let mut b = body();
+            b.as_object_mut().unwrap().remove(field);
+            assert_eq!(parse(b).unwrap_err(), RequestError::missing(field));
+            let mut b = body();
+            b[field] = Value::Null;
+            assert_eq!(parse(b).unwrap_err(), RequestError::missing(field));
+        }
+    }
+
+    #[test]
+    fn the_first_missing_field_in_spec_order_is_named() {
+        assert_eq!(parse(json!({})).unwrap_err(), RequestError::missing("userId"));
+        assert_eq!(parse(json!({"userId": 1})).unwrap_err(), RequestError::missing("fromCardNo"));
+    }
+
+    #[test]
+    fn amount_may_be_absent_or_null() {
+        let mut b = body();
+        b.as_object_mut().unwrap().remove("amount");
+        assert_eq!(parse(b).unwrap().amount, None);
+        let mut b = body();
+        b["amount"] = Value::Null;
+        assert_eq!(parse(b).unwrap().amount, None);
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_invalid_values() {
+        let cases = [
+            ("userId", json!("1001")),
+            ("userId", json!(0)),
+            ("userId", json!(-5)),
+            ("userId", json!(1.5)),
+            ("userId", serde_json::from_str::<Value>("10000000000000000000").unwrap()),
+            ("fromCardNo", json!(9410000000000001u64)),
+            ("fromCardNo", json!("941000000000001")),
+            ("toCardNo", json!("94100000000000xx")),
+            ("amount", json!("100")),
+            ("amount", json!(-1)),
+            ("amount", json!(1.5)),
+            ("amount", json!(1000000000000u64)),
+            ("amount", json!(true)),
+        ];
+        for (field, value) in cases {
+            let mut b = body();
+            b[field] = value.clone();
+            assert_eq!(parse(b).unwrap_err(), RequestError::invalid(field), "{field} = {value}");
+        }
+    }
+
+    #[test]
+    fn the_largest_user_id_parses_exactly() {
+        let raw =
+            br#"{"userId": 9999999999999999999, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002"}"#;
+        assert_eq!(TransferRequest::from_json_bytes(raw).unwrap().user_id.get(), UserId::MAX);
+    }
+
+    #[test]
+    fn a_body_that_is_not_an_object_is_malformed() {
+        for raw in [&b"[1,2]"[..], b"\"x\"", b"{", b"", b"null"] {
+            assert_eq!(TransferRequest::from_json_bytes(raw).unwrap_err(), RequestError::malformed());
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let mut b = body();
+        b["memo"] = json!("hi");
+        assert!(parse(b).is_ok());
+    }
+
+    #[test]
+    fn null_and_zero_amounts_have_the_same_fingerprint() {
+        let mut a = parse(body()).unwrap();
+        a.amount = None;
+        let mut b = a.clone();
+        b.amount = Some(Money::ZERO);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mut c = a.clone();
+        c.amount = Some(Money::from_units(1));
+        assert_ne!(a.fingerprint(), c.fingerprint());
+    }
+}

@@ -1,0 +1,103 @@
+//! Building signed (and optionally encrypted) requests, for anyone who calls the
+//! API: `cardflow sign`, the bench, the tests. It is the client half of
+//! [`crate::crypto`], kept beside the server half so they cannot disagree.
+
+use crate::auth::{ACCESS_KEY, ASP_ID, CORRELATION_ID, CRYPTO_KEY_ID, TIME_ZONE, TRAN_TIME, TRAN_TOKEN};
+use crate::crypto::{self, TokenInput};
+use cardflow_domain::ClientTimeZone;
+use chrono::{DateTime, Utc};
+
+/// What a client holds: its ASP, one access key with its signing secret, and
+/// optionally a data key for encrypted bodies.
+#[derive(Clone)]
+pub struct Credentials {
+    pub asp_id: String,
+    pub access_key: String,
+    pub signing_secret: String,
+    pub crypto_key: Option<(String, [u8; 32])>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("asp_id", &self.asp_id)
+            .field("access_key", &format_args!("{}***", &self.access_key[..self.access_key.len().min(6)]))
+            .field("signing_secret", &"***")
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SignedRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// The body as sent: the plain JSON, or the encrypted envelope.
+    pub body: Vec<u8>,
+    pub correlation_id: String,
+}
+
+/// A correlation id for now: `yyMMddHHmiSS-` and 7 random hex digits.
+pub fn fresh_correlation_id(now: DateTime<Utc>, tz: ClientTimeZone) -> String {
+    format!("{}-{:07x}", now.with_timezone(&tz.offset()).format("%y%m%d%H%M%S"), rand::random::<u32>() & 0x0fff_ffff)
+}
+
+pub struct SignOptions<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub body: &'a [u8],
+    pub encrypt: bool,
+    pub correlation_id: Option<String>,
+    pub time_zone: ClientTimeZone,
+    pub now: DateTime<Utc>,
+}
+
+pub fn sign(creds: &Credentials, o: SignOptions<'_>) -> SignedRequest {
+    let correlation_id = o.correlation_id.unwrap_or_else(|| fresh_correlation_id(o.now, o.time_zone));
+    let tran_time = o.now.with_timezone(&o.time_zone.offset()).format("%Y%m%d%H%M%S").to_string();
+    let (body, key_id) = match (&creds.crypto_key, o.encrypt) {
+        (Some((id, key)), true) => (crypto::envelope(&crypto::encrypt(key, o.body)).into_bytes(), Some(id.clone())),
+        _ => (o.body.to_vec(), None),
+    };
+    let token = TokenInput {
+        method: o.method,
+        path: o.path,
+        asp_id: &creds.asp_id,
+        correlation_id: &correlation_id,
+        tran_time: &tran_time,
+        time_zone: o.time_zone.name,
+        body: &body,
+    }
+    .sign(&creds.signing_secret);
+    let mut headers = vec![
+        (ASP_ID.to_string(), creds.asp_id.clone()),
+        (CORRELATION_ID.to_string(), correlation_id.clone()),
+        (ACCESS_KEY.to_string(), creds.access_key.clone()),
+        (TRAN_TOKEN.to_string(), token),
+        (TRAN_TIME.to_string(), tran_time),
+        (TIME_ZONE.to_string(), o.time_zone.name.to_string()),
+    ];
+    if let Some(id) = key_id {
+        headers.insert(3, (CRYPTO_KEY_ID.to_string(), id));
+    }
+    SignedRequest { method: o.method.to_string(), path: o.path.to_string(), headers, body, correlation_id }
+}
+
+/// Quotes a string for a POSIX shell.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl SignedRequest {
+    pub fn curl(&self, base_url: &str) -> String {
+        let mut out = format!("curl -sS -i -X {} {}", self.method, sh_quote(&format!("{base_url}{}", self.path)));
+        for (k, v) in &self.headers {
+            out.push_str(&format!(" \\\n  -H {}", sh_quote(&format!("{k}: {v}"))));
+        }
+        if !self.body.is_empty() {
+            out.push_str(" \\\n  -H 'Content-Type: application/json'");
+            out.push_str(&format!(" \\\n  --data-binary {}", sh_quote(&String::from_utf8_lossy(&self.body))));
+        }
+        out
+    }
+}

@@ -1,0 +1,402 @@
+//! The HTTP face of cardflow: `POST /api/v1/transfer/balance` and its status query.
+//!
+//! The gateway checks everything it can without the ledger (header and body
+//! formats, authentication, decryption), records the submission, publishes a
+//! transfer command keyed by `fromCardNo`, and waits for the result on its own
+//! reply partition until a deadline; past it, the client gets `202` and a
+//! `Location` to poll. It never decides a transfer and never writes money: that is
+//! the worker's job, in one place, so there is one truth about every balance.
+
+pub mod auth;
+pub mod client;
+pub mod crypto;
+pub mod error;
+pub mod replies;
+
+use crate::auth::{parse_headers, Authenticator, Caller, CORRELATION_ID, CRYPTO_KEY_ID};
+use crate::error::{body_json, ApiError};
+use crate::replies::ReplyRouter;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use cardflow_bus::headers as h;
+use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
+use cardflow_bus::rdkafka::util::Timeout;
+use cardflow_bus::BusConfig;
+use cardflow_domain::command::SCHEMA_VERSION;
+use cardflow_domain::{ReplyAddress, ResultCode, TransferCommand, TransferRequest, TransferResult};
+use cardflow_ledger::transfers::{self, Submission};
+use cardflow_telemetry::Metrics;
+use sqlx::PgPool;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const TRANSFER_PATH: &str = "/api/v1/transfer/balance";
+
+/// The gateway's settings (see the README's configuration table).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub http_addr: SocketAddr,
+    /// The partition of `transfer.results` this instance reads; unique per instance.
+    pub reply_partition: i32,
+    /// How long a synchronous request waits for its result before answering 202.
+    pub reply_deadline: Duration,
+    /// Allowed distance between `X-KM-Tran-Time` and the server clock.
+    pub time_window_secs: i64,
+    /// How long a looked-up key is trusted before it is read again.
+    pub key_cache_ttl: Duration,
+    pub max_body_bytes: usize,
+    pub producer_linger_ms: u32,
+    /// Requests per second each ASP may send; `None` is no limit.
+    pub rate_limit_per_asp: Option<std::num::NonZeroU32>,
+}
+
+type AspLimiter = governor::DefaultKeyedRateLimiter<String>;
+
+pub struct App {
+    pub config: GatewayConfig,
+    pub pool: PgPool,
+    pub bus: BusConfig,
+    pub producer: FutureProducer,
+    pub replies: Arc<ReplyRouter>,
+    pub auth: Authenticator,
+    limiter: Option<AspLimiter>,
+}
+
+/// Builds the gateway and starts its reply consumer.
+pub async fn build(config: GatewayConfig, pool: PgPool, bus: BusConfig) -> Result<Arc<App>, cardflow_bus::BusError> {
+    let producer = bus.producer(config.producer_linger_ms)?;
+    let replies = Arc::new(ReplyRouter::default());
+    tokio::spawn({
+        let (bus, replies, partition) = (bus.clone(), replies.clone(), config.reply_partition);
+        async move {
+            if let Err(e) = replies::run_reply_consumer(bus, partition, replies).await {
+                tracing::error!(error = %e, "reply consumer stopped");
+            }
+        }
+    });
+    let auth = Authenticator::new(pool.clone(), config.key_cache_ttl, config.time_window_secs);
+    let limiter = config.rate_limit_per_asp.map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate)));
+    Ok(Arc::new(App { config, pool, bus, producer, replies, auth, limiter }))
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    let ready_app = app.clone();
+    Router::new()
+        .route(TRANSFER_PATH, post(post_transfer))
+        .route(&format!("{TRANSFER_PATH}/{{correlation_id}}"), get(get_transfer))
+        .with_state(app)
+        .merge(cardflow_telemetry::router(move || {
+            let app = ready_app.clone();
+            async move {
+                if !cardflow_ledger::ping(&app.pool).await {
+                    return Err("database unreachable".to_string());
+                }
+                if !app.replies.is_ready() {
+                    return Err("reply consumer not assigned".to_string());
+                }
+                Ok(())
+            }
+        }))
+}
+
+/// Serves until `shutdown` resolves, then finishes the requests in flight.
+pub async fn serve(
+    app: Arc<App>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(app.config.http_addr).await?;
+    tracing::info!(addr = %app.config.http_addr, "gateway listening");
+    axum::serve(listener, router(app)).with_graceful_shutdown(shutdown).await
+}
+
+/// An answer on its way out: plain JSON, or encrypted with the caller's data key.
+struct Answer {
+    status: StatusCode,
+    body: String,
+    code: ResultCode,
+    location: Option<String>,
+    retry_after: Option<u64>,
+}
+
+impl Answer {
+    fn of_error(e: &ApiError) -> Self {
+        Answer {
+            status: StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+            body: body_json(e.code, &e.message(), None),
+            code: e.code,
+            location: None,
+            retry_after: e.retry_after,
+        }
+    }
+
+    fn of_result(r: &TransferResult) -> Self {
+        let code = r.result_code();
+        Answer {
+            status: StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+            body: body_json(code, &r.message, r.amount.map(|a| a.get())),
+            code,
+            location: None,
+            retry_after: None,
+        }
+    }
+
+    fn pending(correlation_id: &str) -> Self {
+        let code = ResultCode::Pending;
+        Answer {
+            status: StatusCode::ACCEPTED,
+            body: body_json(code, code.message(), None),
+            code,
+            location: Some(format!("{TRANSFER_PATH}/{correlation_id}")),
+            retry_after: Some(1),
+        }
+    }
+
+    fn into_response(self, correlation_id: Option<&str>, caller: Option<&Caller>) -> Response {
+        let mut headers = HeaderMap::new();
+        headers.insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(c) = correlation_id.and_then(|c| HeaderValue::from_str(c).ok()) {
+            headers.insert(CORRELATION_ID, c);
+        }
+        if let Some(l) = self.location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+            headers.insert(axum::http::header::LOCATION, l);
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        let body = match caller.and_then(|c| c.crypto.as_ref()) {
+            Some((key_id, key)) => {
+                headers.insert(CRYPTO_KEY_ID, HeaderValue::from_str(key_id.as_str()).expect("key ids are ASCII"));
+                crypto::envelope(&crypto::encrypt(key, self.body.as_bytes()))
+            }
+            None => self.body,
+        };
+        (self.status, headers, body).into_response()
+    }
+}
+
+fn record(route: &str, answer: &Answer, started: Instant) {
+    let m = Metrics::global();
+    m.http_requests.with_label_values(&[route, answer.status.as_str(), answer.code.code()]).inc();
+    m.http_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
+}
+
+/// The correlation id to echo: the header as sent, when it is printable and short.
+fn echo_correlation_id(headers: &HeaderMap) -> Option<String> {
+    headers.get(CORRELATION_ID).and_then(|v| v.to_str().ok()).filter(|s| s.len() <= 64).map(str::to_string)
+}
+
+fn wants_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::new(ResultCode::PayloadTooLarge))
+}
+
+/// Authenticates a request and opens its body.
+async fn admit(
+    app: &App,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    raw: &[u8],
+) -> Result<(Caller, Vec<u8>), (ApiError, Option<Caller>)> {
+    let parsed = parse_headers(headers).map_err(|e| (e, None))?;
+    let caller = app.auth.authenticate(method.as_str(), uri.path(), &parsed, raw).await.map_err(|e| (e, None))?;
+    let plain = match &caller.crypto {
+        None => raw.to_vec(),
+        Some((_, key)) => match crypto::open_envelope(key, raw) {
+            Ok(p) => p,
+            Err(_) => {
+                tracing::warn!(correlation_id = %caller.correlation_id, "body did not decrypt");
+                Metrics::global().auth_failures.with_label_values(&[ResultCode::DecryptionFailed.code()]).inc();
+                // The key is known and the caller authenticated: answer encrypted.
+                return Err((ApiError::new(ResultCode::DecryptionFailed), Some(caller)));
+            }
+        },
+    };
+    Ok((caller, plain))
+}
+
+async fn post_transfer(
+    State(app): State<Arc<App>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let echo = echo_correlation_id(&headers);
+    let (answer, caller) = match transfer(&app, &method, &uri, &headers, body, started).await {
+        Ok((answer, caller)) => (answer, Some(caller)),
+        Err((e, caller)) => (Answer::of_error(&e), caller),
+    };
+    record("transfer", &answer, started);
+    answer.into_response(echo.as_deref(), caller.as_ref())
+}
+
+async fn transfer(
+    app: &App,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+    started: Instant,
+) -> Result<(Answer, Caller), (ApiError, Option<Caller>)> {
+    let raw = read_body(body, app.config.max_body_bytes).await.map_err(|e| (e, None))?;
+    let (caller, plain) = admit(app, method, uri, headers, &raw).await?;
+    let fail = |e: ApiError| (e, Some(caller.clone()));
+    within_rate(app, &caller).map_err(fail)?;
+    let request = TransferRequest::from_json_bytes(&plain).map_err(|e| fail(e.into()))?;
+    let fingerprint = request.fingerprint();
+    let (asp, corr) = (caller.asp_id.as_str(), caller.correlation_id.as_str());
+    let span = tracing::info_span!("transfer", correlation_id = corr, asp_id = asp);
+    let _enter = span.enter();
+
+    match transfers::lookup(&app.pool, asp, corr, &fingerprint).await.map_err(|e| fail(e.into()))? {
+        Submission::Conflict => return Err(fail(ApiError::new(ResultCode::CorrelationIdReused))),
+        Submission::Decided(stored) => {
+            return Ok((
+                Answer::of_result(&stored.result_for(caller.asp_id.clone(), caller.correlation_id.clone())),
+                caller,
+            ))
+        }
+        Submission::New | Submission::InFlight => {}
+    }
+
+    let traceparent = headers
+        .get(h::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .filter(|tp| h::valid_traceparent(tp))
+        .map(str::to_string)
+        .unwrap_or_else(h::new_traceparent);
+    let command = TransferCommand {
+        schema_version: SCHEMA_VERSION,
+        asp_id: caller.asp_id.clone(),
+        correlation_id: caller.correlation_id.clone(),
+        request,
+        fingerprint,
+        reply_to: ReplyAddress { topic: app.bus.topics.results.clone(), partition: app.config.reply_partition },
+        submitted_at: chrono::Utc::now(),
+    };
+    let reply = app.replies.register(asp, corr);
+    if let Err(e) = publish(app, &command, &traceparent).await {
+        app.replies.forget(asp, corr);
+        tracing::error!(error = %e, "publishing the command failed");
+        return Err(fail(ApiError::unavailable()));
+    }
+    let published_at = Instant::now();
+    if let Err(e) = transfers::record_submission(&app.pool, asp, corr, &command.fingerprint).await {
+        // The command is on its way; only a status query before it is applied
+        // would miss this row, and it answers 404 rather than lying.
+        tracing::warn!(error = %e, "recording the submission failed");
+    }
+    if wants_async(headers) {
+        drop(reply);
+        app.replies.forget(asp, corr);
+        return Ok((Answer::pending(corr), caller));
+    }
+    let remaining = app.config.reply_deadline.saturating_sub(started.elapsed());
+    match tokio::time::timeout(remaining, reply).await {
+        Ok(Ok(result)) => {
+            Metrics::global().reply_wait.observe(published_at.elapsed().as_secs_f64());
+            Ok((Answer::of_result(&result), caller))
+        }
+        _ => {
+            app.replies.forget(asp, corr);
+            Metrics::global().reply_fallbacks.inc();
+            tracing::info!("deadline passed; answering 202");
+            Ok((Answer::pending(corr), caller))
+        }
+    }
+}
+
+/// The per-ASP rate limit (a token bucket refilled at the configured rate).
+fn within_rate(app: &App, caller: &Caller) -> Result<(), ApiError> {
+    let Some(limiter) = &app.limiter else {
+        return Ok(());
+    };
+    match limiter.check_key(&caller.asp_id.to_string()) {
+        Ok(()) => Ok(()),
+        Err(not_until) => {
+            use governor::clock::{Clock, DefaultClock};
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            tracing::info!(correlation_id = %caller.correlation_id, asp_id = %caller.asp_id, "rate limited");
+            Err(ApiError {
+                code: ResultCode::TooManyRequests,
+                field: None,
+                retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
+            })
+        }
+    }
+}
+
+async fn publish(app: &App, command: &TransferCommand, traceparent: &str) -> Result<(), String> {
+    let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+    let key = command.request.from_card_no.as_str();
+    let partition = command.reply_to.partition.to_string();
+    let headers = h::build([
+        (h::TRACEPARENT, traceparent),
+        (h::CONTENT_TYPE, "application/json"),
+        (h::SCHEMA_VERSION, "1"),
+        (h::CORRELATION_ID, command.correlation_id.as_str()),
+        (h::REPLY_TOPIC, command.reply_to.topic.as_str()),
+        (h::REPLY_PARTITION, partition.as_str()),
+    ]);
+    let record = FutureRecord::to(&app.bus.topics.commands).key(key).payload(&payload).headers(headers);
+    app.producer.send(record, Timeout::After(Duration::from_secs(5))).await.map_err(|(e, _)| e.to_string())?;
+    Metrics::global().commands_published.inc();
+    Ok(())
+}
+
+async fn get_transfer(
+    State(app): State<Arc<App>>,
+    Path(target): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let echo = echo_correlation_id(&headers);
+    let (answer, caller) = match status(&app, &target, &method, &uri, &headers, body).await {
+        Ok((answer, caller)) => (answer, Some(caller)),
+        Err((e, caller)) => (Answer::of_error(&e), caller),
+    };
+    record("transfer_status", &answer, started);
+    answer.into_response(echo.as_deref(), caller.as_ref())
+}
+
+async fn status(
+    app: &App,
+    target: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Answer, Caller), (ApiError, Option<Caller>)> {
+    let raw = read_body(body, app.config.max_body_bytes).await.map_err(|e| (e, None))?;
+    let (caller, _) = admit(app, method, uri, headers, &raw).await?;
+    let fail = |e: ApiError| (e, Some(caller.clone()));
+    within_rate(app, &caller).map_err(fail)?;
+    let target = cardflow_domain::CorrelationId::parse(target).map_err(|_| fail(ApiError::invalid("correlationId")))?;
+    // An ASP sees only its own requests: the key includes the caller's AspId.
+    match transfers::status(&app.pool, caller.asp_id.as_str(), target.as_str()).await.map_err(|e| fail(e.into()))? {
+        Some(Submission::Decided(stored)) => {
+            let result = stored.result_for(caller.asp_id.clone(), target);
+            Ok((Answer::of_result(&result), caller))
+        }
+        Some(_) => Ok((Answer::pending(target.as_str()), caller)),
+        None => Err(fail(ApiError::new(ResultCode::NotFound))),
+    }
+}

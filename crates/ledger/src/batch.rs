@@ -1,0 +1,640 @@
+//! Applying a batch of transfer commands in ONE transaction.
+//!
+//! 1. Claim each request by `(asp_id, correlation_id)`: insert a placeholder
+//!    transfer row, `ON CONFLICT DO NOTHING`, in key order. A key that is already
+//!    taken is a repeat; its stored result is answered again.
+//! 2. Lock every card the new commands touch, in card-number order, so that two
+//!    workers never wait on each other in a cycle.
+//! 3. Decide and apply the commands in offset order in memory: a later command sees
+//!    the balances the earlier ones left.
+//! 4. Write cards, ledger entries, transfer results and outbox rows with one
+//!    set-based statement each, and commit.
+//!
+//! The caller commits Kafka offsets only after this returns, so a crash anywhere
+//! repeats the batch; a repeated command hits its claimed key and moves no money.
+
+use crate::outbox::NewOutboxRow;
+use crate::transfers::StoredTransfer;
+use crate::LedgerError;
+use cardflow_domain::command::{BALANCE_CHANGED, SCHEMA_VERSION, TRANSFER_COMPLETED, TRANSFER_REJECTED};
+use cardflow_domain::rules::{apply, Posting};
+use cardflow_domain::{
+    AffiliateId, BalanceEvent, CardNo, CardStatus, CardView, Decision, Money, ProductKind, ResultCode, TransferCommand,
+    TransferContext, TransferEvent, TransferOutcome, TransferResult, UserId,
+};
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
+use rust_decimal::Decimal;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Where the outbox sends what a batch announces. The physical topic names come
+/// from the worker's configuration; the ledger only stores them.
+#[derive(Debug, Clone)]
+pub struct OutboxTopics {
+    pub card_balance: String,
+    pub transfer_events: String,
+}
+
+/// A command as the worker polled it, with the trace context it arrived with.
+#[derive(Debug, Clone)]
+pub struct IncomingCommand {
+    pub command: TransferCommand,
+    pub traceparent: Option<String>,
+}
+
+/// What became of each command of a batch, in offset order.
+#[derive(Debug, Default)]
+pub struct BatchReport {
+    pub results: Vec<AppliedResult>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppliedResult {
+    pub result: TransferResult,
+    /// True when the request had been seen before (a redelivery or a retry).
+    pub repeat: bool,
+}
+
+type Key = (String, String);
+
+fn key_of(c: &TransferCommand) -> Key {
+    (c.asp_id.to_string(), c.correlation_id.to_string())
+}
+
+fn headers(traceparent: &Option<String>) -> serde_json::Value {
+    let mut h = serde_json::Map::new();
+    h.insert("content-type".into(), "application/json".into());
+    h.insert("schema-version".into(), SCHEMA_VERSION.to_string().into());
+    if let Some(tp) = traceparent {
+        h.insert("traceparent".into(), tp.clone().into());
+    }
+    serde_json::Value::Object(h)
+}
+
+fn result_row(incoming: &IncomingCommand, result: &TransferResult) -> NewOutboxRow {
+    let reply = &incoming.command.reply_to;
+    NewOutboxRow {
+        topic: reply.topic.clone(),
+        partition: Some(reply.partition),
+        key: incoming.command.correlation_id.to_string(),
+        payload: serde_json::to_string(result).expect("results serialize"),
+        headers: headers(&incoming.traceparent),
+    }
+}
+
+fn rejection(
+    cmd: &TransferCommand,
+    transfer_id: Uuid,
+    code: ResultCode,
+    field: Option<&str>,
+    now: DateTime<Utc>,
+) -> TransferResult {
+    TransferResult {
+        schema_version: SCHEMA_VERSION,
+        asp_id: cmd.asp_id.clone(),
+        correlation_id: cmd.correlation_id.clone(),
+        transfer_id: Some(transfer_id),
+        outcome: TransferOutcome::Rejected,
+        code: code.code().to_string(),
+        message: code.message_with(field),
+        amount: None,
+        decided_at: now,
+    }
+}
+
+/// The answer to a command whose key another request owns: the owner's result,
+/// addressed to this command, when it is the same request; `000_008` otherwise.
+fn answer_from(
+    cmd: &TransferCommand,
+    owner_fingerprint: &str,
+    owner_result: &TransferResult,
+    now: DateTime<Utc>,
+) -> TransferResult {
+    if owner_fingerprint == cmd.fingerprint {
+        TransferResult {
+            asp_id: cmd.asp_id.clone(),
+            correlation_id: cmd.correlation_id.clone(),
+            ..owner_result.clone()
+        }
+    } else {
+        let mut r = rejection(cmd, Uuid::nil(), ResultCode::CorrelationIdReused, None, now);
+        r.transfer_id = None;
+        r
+    }
+}
+
+fn answer_repeat(cmd: &TransferCommand, stored: &StoredTransfer) -> TransferResult {
+    answer_from(cmd, &stored.fingerprint, &stored.result(cmd), Utc::now())
+}
+
+/// Decides one new request against the locked cards and gathers its writes.
+#[allow(clippy::too_many_arguments)]
+fn decide_one(
+    incoming: &IncomingCommand,
+    transfer_id: Uuid,
+    cards: &mut BTreeMap<CardNo, CardView>,
+    affiliates: &HashMap<String, AffiliateId>,
+    today: NaiveDate,
+    now: DateTime<Utc>,
+    topics: &OutboxTopics,
+    writes: &mut Writes,
+) -> TransferResult {
+    let cmd = &incoming.command;
+    let ctx = TransferContext { caller_affiliate: affiliates.get(cmd.asp_id.as_str()).cloned(), today };
+    let req = &cmd.request;
+    let decision = cardflow_domain::decide(req, cards.get(&req.from_card_no), cards.get(&req.to_card_no), &ctx);
+    let result = match decision {
+        Decision::Reject { code, field } => rejection(cmd, transfer_id, code, field, now),
+        Decision::Apply { amount } => {
+            let mut from = cards.remove(&req.from_card_no).expect("decided cards are loaded");
+            let mut to = cards.remove(&req.to_card_no).expect("decided cards are loaded");
+            let (debit, credit) = apply(&mut from, &mut to, amount);
+            cards.insert(from.card_no.clone(), from);
+            cards.insert(to.card_no.clone(), to);
+            writes.posting(incoming, transfer_id, debit, now, topics);
+            writes.posting(incoming, transfer_id, credit, now, topics);
+            TransferResult {
+                schema_version: SCHEMA_VERSION,
+                asp_id: cmd.asp_id.clone(),
+                correlation_id: cmd.correlation_id.clone(),
+                transfer_id: Some(transfer_id),
+                outcome: TransferOutcome::Completed,
+                code: ResultCode::Success.code().to_string(),
+                message: ResultCode::Success.message().to_string(),
+                amount: Some(amount),
+                decided_at: now,
+            }
+        }
+    };
+    writes.decided(incoming, &result, topics);
+    result
+}
+
+fn transfer_event(cmd: &TransferCommand, result: &TransferResult) -> TransferEvent {
+    TransferEvent {
+        schema_version: SCHEMA_VERSION,
+        event_id: result.transfer_id.expect("decided transfers have an id"),
+        event_type: match result.outcome {
+            TransferOutcome::Completed => TRANSFER_COMPLETED,
+            TransferOutcome::Rejected => TRANSFER_REJECTED,
+        }
+        .to_string(),
+        occurred_at: result.decided_at,
+        transfer_id: result.transfer_id.expect("decided transfers have an id"),
+        asp_id: cmd.asp_id.clone(),
+        correlation_id: cmd.correlation_id.clone(),
+        user_id: cmd.request.user_id,
+        from_card_no: cmd.request.from_card_no.clone(),
+        to_card_no: cmd.request.to_card_no.clone(),
+        requested_amount: cmd.request.amount,
+        amount: result.amount,
+        code: result.code.clone(),
+        message: result.message.clone(),
+    }
+}
+
+/// Everything a batch will write, gathered in memory first.
+#[derive(Default)]
+struct Writes {
+    entries: Vec<(Uuid, Uuid, Posting)>,
+    decided: Vec<TransferResult>,
+    outbox: Vec<NewOutboxRow>,
+}
+
+impl Writes {
+    fn decided(&mut self, incoming: &IncomingCommand, result: &TransferResult, topics: &OutboxTopics) {
+        let event = transfer_event(&incoming.command, result);
+        self.outbox.push(NewOutboxRow {
+            topic: topics.transfer_events.clone(),
+            partition: None,
+            key: incoming.command.request.from_card_no.to_string(),
+            payload: serde_json::to_string(&event).expect("events serialize"),
+            headers: headers(&incoming.traceparent),
+        });
+        self.decided.push(result.clone());
+    }
+
+    fn posting(
+        &mut self,
+        incoming: &IncomingCommand,
+        transfer_id: Uuid,
+        posting: Posting,
+        now: DateTime<Utc>,
+        topics: &OutboxTopics,
+    ) {
+        let entry_id = Uuid::now_v7();
+        let event = BalanceEvent {
+            schema_version: SCHEMA_VERSION,
+            event_id: entry_id,
+            event_type: BALANCE_CHANGED.to_string(),
+            occurred_at: now,
+            card_no: posting.card_no.clone(),
+            user_id: posting.user_id,
+            transfer_id,
+            correlation_id: incoming.command.correlation_id.clone(),
+            delta: posting.delta,
+            balance_after: posting.balance_after,
+            sequence: posting.sequence,
+        };
+        self.outbox.push(NewOutboxRow {
+            topic: topics.card_balance.clone(),
+            partition: None,
+            key: posting.card_no.to_string(),
+            payload: serde_json::to_string(&event).expect("events serialize"),
+            headers: headers(&incoming.traceparent),
+        });
+        self.entries.push((entry_id, transfer_id, posting));
+    }
+}
+
+/// Applies one batch in one transaction. See the module documentation.
+pub async fn apply_batch(
+    pool: &PgPool,
+    batch: &[IncomingCommand],
+    topics: &OutboxTopics,
+    today: NaiveDate,
+) -> Result<BatchReport, LedgerError> {
+    let mut tx = pool.begin().await?;
+    // Microseconds, as Postgres stores them: replayed events must equal the originals.
+    let now = Utc::now().trunc_subsecs(6);
+
+    // 1. Claim keys. Within the batch the first occurrence of a key is the request;
+    //    later ones are repeats of it.
+    let mut first: HashMap<Key, usize> = HashMap::new();
+    for (i, c) in batch.iter().enumerate() {
+        first.entry(key_of(&c.command)).or_insert(i);
+    }
+    let mut claims: Vec<(Key, usize, Uuid)> = first.iter().map(|(k, i)| (k.clone(), *i, Uuid::now_v7())).collect();
+    claims.sort_by(|a, b| a.0.cmp(&b.0));
+    let claimed = claim(&mut tx, batch, &claims).await?;
+    let taken: Vec<Key> = claims.iter().filter(|(_, _, id)| !claimed.contains(id)).map(|(k, _, _)| k.clone()).collect();
+    let stored = crate::transfers::find_many(&mut *tx, &taken).await?;
+    let transfer_ids: HashMap<Key, Uuid> = claims.iter().map(|(k, _, id)| (k.clone(), *id)).collect();
+
+    // 2. Lock the cards of the new requests, in card-number order.
+    let mut card_nos: Vec<String> = Vec::new();
+    for (k, i, id) in &claims {
+        let _ = k;
+        if claimed.contains(id) {
+            let r = &batch[*i].command.request;
+            card_nos.push(r.from_card_no.to_string());
+            card_nos.push(r.to_card_no.to_string());
+        }
+    }
+    card_nos.sort();
+    card_nos.dedup();
+    let mut cards = lock_cards(&mut tx, &card_nos).await?;
+    let original_sequences: HashMap<CardNo, i64> = cards.iter().map(|(k, v)| (k.clone(), v.sequence)).collect();
+    let asp_ids: Vec<String> =
+        claims.iter().map(|((asp, _), _, _)| asp.clone()).collect::<HashSet<_>>().into_iter().collect();
+    let affiliates = caller_affiliates(&mut tx, &asp_ids).await?;
+
+    // 3. Decide in offset order. `owners` holds, per key, the fingerprint of the
+    //    request that owns it and that request's result; every other occurrence of
+    //    the key is answered from it.
+    let mut writes = Writes::default();
+    let mut owners: HashMap<Key, (String, TransferResult)> =
+        stored.iter().map(|(k, s)| (k.clone(), (s.fingerprint.clone(), s.result(&batch[first[k]].command)))).collect();
+    let mut report = BatchReport::default();
+    for (i, incoming) in batch.iter().enumerate() {
+        let cmd = &incoming.command;
+        let key = key_of(cmd);
+        let transfer_id = transfer_ids[&key];
+        let decides = first[&key] == i && claimed.contains(&transfer_id);
+        let (result, repeat) = if decides {
+            let result = decide_one(incoming, transfer_id, &mut cards, &affiliates, today, now, topics, &mut writes);
+            owners.insert(key.clone(), (cmd.fingerprint.clone(), result.clone()));
+            (result, false)
+        } else {
+            let (fingerprint, owner_result) = owners
+                .get(&key)
+                .ok_or_else(|| LedgerError::Corrupt(format!("claim for {} vanished", cmd.correlation_id)))?;
+            (answer_from(cmd, fingerprint, owner_result, now), true)
+        };
+        writes.outbox.push(result_row(incoming, &result));
+        report.results.push(AppliedResult { result, repeat });
+    }
+
+    // 4. Set-based writes.
+    let touched: Vec<&CardView> =
+        cards.values().filter(|c| original_sequences.get(&c.card_no) != Some(&c.sequence)).collect();
+    write_cards(&mut tx, &touched).await?;
+    write_entries(&mut tx, &writes.entries, now).await?;
+    write_decisions(&mut tx, &writes.decided).await?;
+    crate::outbox::insert(&mut tx, &writes.outbox).await?;
+    tx.commit().await?;
+    Ok(report)
+}
+
+async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &[IncomingCommand],
+    claims: &[(Key, usize, Uuid)],
+) -> Result<HashSet<Uuid>, LedgerError> {
+    let mut ids = Vec::new();
+    let mut asp = Vec::new();
+    let mut corr = Vec::new();
+    let mut fp = Vec::new();
+    let mut user = Vec::new();
+    let mut from = Vec::new();
+    let mut to = Vec::new();
+    let mut amount: Vec<Option<Decimal>> = Vec::new();
+    let mut submitted = Vec::new();
+    for (k, i, id) in claims {
+        let c = &batch[*i].command;
+        ids.push(*id);
+        asp.push(k.0.clone());
+        corr.push(k.1.clone());
+        fp.push(c.fingerprint.clone());
+        user.push(Decimal::from(c.request.user_id.get()));
+        from.push(c.request.from_card_no.to_string());
+        to.push(c.request.to_card_no.to_string());
+        amount.push(c.request.amount.map(Money::get));
+        submitted.push(c.submitted_at);
+    }
+    let rows = sqlx::query(
+        "INSERT INTO transfers (transfer_id, asp_id, correlation_id, fingerprint, user_id, from_card_no, to_card_no,
+                                requested_amount, submitted_at, status)
+         SELECT t.*, 'PENDING' FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[],
+                                         $7::text[], $8::numeric[], $9::timestamptz[]) AS t
+         ON CONFLICT (asp_id, correlation_id) DO NOTHING
+         RETURNING transfer_id",
+    )
+    .bind(&ids)
+    .bind(&asp)
+    .bind(&corr)
+    .bind(&fp)
+    .bind(&user)
+    .bind(&from)
+    .bind(&to)
+    .bind(&amount)
+    .bind(&submitted)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows.iter().map(|r| r.get::<Uuid, _>(0)).collect())
+}
+
+/// Loads and locks cards with what the rules need of their products and owners.
+/// `ORDER BY` before `FOR UPDATE` makes Postgres lock in card-number order.
+pub(crate) async fn lock_cards(
+    tx: &mut Transaction<'_, Postgres>,
+    card_nos: &[String],
+) -> Result<BTreeMap<CardNo, CardView>, LedgerError> {
+    if card_nos.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let rows = sqlx::query(
+        "SELECT c.card_no, c.user_id::text AS user_id, c.status, c.expires_on, c.balance, c.total_loaded,
+                COALESCE(c.max_balance, p.max_balance) AS max_balance, p.kind, p.owner_affiliate_id,
+                (a.affiliate_id IS NOT NULL) AS owner_exists, p.collection_allowed, p.min_usage_rate, c.sequence
+         FROM cards c
+         JOIN products p ON p.product_id = c.product_id
+         LEFT JOIN affiliates a ON a.affiliate_id = p.owner_affiliate_id
+         WHERE c.card_no = ANY($1)
+         ORDER BY c.card_no
+         FOR UPDATE OF c",
+    )
+    .bind(card_nos)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut cards = BTreeMap::new();
+    for row in rows {
+        let card = card_view(&row)?;
+        cards.insert(card.card_no.clone(), card);
+    }
+    Ok(cards)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Corrupt(what.to_string())
+}
+
+fn money(row: &sqlx::postgres::PgRow, col: &str) -> Result<Money, LedgerError> {
+    Money::new(row.try_get::<Decimal, _>(col)?).map_err(|e| corrupt(format!("{col}: {e}")))
+}
+
+fn card_view(row: &sqlx::postgres::PgRow) -> Result<CardView, LedgerError> {
+    let card_no: String = row.try_get("card_no")?;
+    let user_id: String = row.try_get("user_id")?;
+    let status: String = row.try_get("status")?;
+    let kind: String = row.try_get("kind")?;
+    Ok(CardView {
+        card_no: CardNo::parse(&card_no).map_err(corrupt)?,
+        user_id: user_id.parse::<u64>().ok().and_then(|u| UserId::new(u).ok()).ok_or_else(|| corrupt("user_id"))?,
+        status: status.parse::<CardStatus>().map_err(corrupt)?,
+        expires_on: row.try_get("expires_on")?,
+        balance: money(row, "balance")?,
+        total_loaded: money(row, "total_loaded")?,
+        max_balance: money(row, "max_balance")?,
+        kind: kind.parse::<ProductKind>().map_err(corrupt)?,
+        owner_affiliate: AffiliateId(row.try_get("owner_affiliate_id")?),
+        owner_affiliate_exists: row.try_get("owner_exists")?,
+        collection_allowed: row.try_get("collection_allowed")?,
+        min_usage_rate: row.try_get("min_usage_rate")?,
+        sequence: row.try_get("sequence")?,
+    })
+}
+
+async fn caller_affiliates(
+    tx: &mut Transaction<'_, Postgres>,
+    asp_ids: &[String],
+) -> Result<HashMap<String, AffiliateId>, LedgerError> {
+    let rows = sqlx::query("SELECT asp_id, affiliate_id FROM asps WHERE asp_id = ANY($1)")
+        .bind(asp_ids)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.iter().map(|r| (r.get::<String, _>(0), AffiliateId(r.get::<String, _>(1)))).collect())
+}
+
+async fn write_cards(tx: &mut Transaction<'_, Postgres>, cards: &[&CardView]) -> Result<(), LedgerError> {
+    if cards.is_empty() {
+        return Ok(());
+    }
+    let nos: Vec<String> = cards.iter().map(|c| c.card_no.to_string()).collect();
+    let balances: Vec<Decimal> = cards.iter().map(|c| c.balance.get()).collect();
+    let loaded: Vec<Decimal> = cards.iter().map(|c| c.total_loaded.get()).collect();
+    let seqs: Vec<i64> = cards.iter().map(|c| c.sequence).collect();
+    sqlx::query(
+        "UPDATE cards c SET balance = v.balance, total_loaded = v.total_loaded, sequence = v.sequence, updated_at = now()
+         FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::bigint[]) AS v(card_no, balance, total_loaded, sequence)
+         WHERE c.card_no = v.card_no",
+    )
+    .bind(&nos)
+    .bind(&balances)
+    .bind(&loaded)
+    .bind(&seqs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_entries(
+    tx: &mut Transaction<'_, Postgres>,
+    entries: &[(Uuid, Uuid, Posting)],
+    now: DateTime<Utc>,
+) -> Result<(), LedgerError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = entries.iter().map(|e| e.0).collect();
+    let transfers: Vec<Uuid> = entries.iter().map(|e| e.1).collect();
+    let cards: Vec<String> = entries.iter().map(|e| e.2.card_no.to_string()).collect();
+    let users: Vec<Decimal> = entries.iter().map(|e| Decimal::from(e.2.user_id.get())).collect();
+    let sides: Vec<&str> =
+        entries.iter().map(|e| if e.2.delta.is_sign_negative() { "DEBIT" } else { "CREDIT" }).collect();
+    let amounts: Vec<Decimal> = entries.iter().map(|e| e.2.delta.abs()).collect();
+    let after: Vec<Decimal> = entries.iter().map(|e| e.2.balance_after.get()).collect();
+    let seqs: Vec<i64> = entries.iter().map(|e| e.2.sequence).collect();
+    sqlx::query(
+        "INSERT INTO ledger_entries (entry_id, transfer_id, card_no, user_id, side, amount, balance_after, sequence, created_at)
+         SELECT *, $9 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::numeric[], $5::text[], $6::numeric[], $7::numeric[], $8::bigint[])",
+    )
+    .bind(&ids)
+    .bind(&transfers)
+    .bind(&cards)
+    .bind(&users)
+    .bind(&sides)
+    .bind(&amounts)
+    .bind(&after)
+    .bind(&seqs)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn write_decisions(tx: &mut Transaction<'_, Postgres>, decided: &[TransferResult]) -> Result<(), LedgerError> {
+    if decided.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = decided.iter().map(|r| r.transfer_id.expect("decided transfers have an id")).collect();
+    let statuses: Vec<&str> = decided
+        .iter()
+        .map(|r| match r.outcome {
+            TransferOutcome::Completed => "COMPLETED",
+            TransferOutcome::Rejected => "REJECTED",
+        })
+        .collect();
+    let codes: Vec<String> = decided.iter().map(|r| r.code.clone()).collect();
+    let messages: Vec<String> = decided.iter().map(|r| r.message.clone()).collect();
+    let amounts: Vec<Option<Decimal>> = decided.iter().map(|r| r.amount.map(Money::get)).collect();
+    let at: Vec<DateTime<Utc>> = decided.iter().map(|r| r.decided_at).collect();
+    sqlx::query(
+        "UPDATE transfers t SET status = v.status, result_code = v.code, result_message = v.message, amount = v.amount, decided_at = v.at
+         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::timestamptz[]) AS v(id, status, code, message, amount, at)
+         WHERE t.transfer_id = v.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&codes)
+    .bind(&messages)
+    .bind(&amounts)
+    .bind(&at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Records a command that could not be applied for a reason that is not the
+/// caller's as `017_002`, in its own transaction, and queues its answer. A repeat
+/// of an already decided request gets the stored result instead.
+pub async fn record_failure(
+    pool: &PgPool,
+    incoming: &IncomingCommand,
+    topics: &OutboxTopics,
+) -> Result<AppliedResult, LedgerError> {
+    let cmd = &incoming.command;
+    let mut tx = pool.begin().await?;
+    let transfer_id = Uuid::now_v7();
+    let key = key_of(cmd);
+    let claimed = claim(&mut tx, std::slice::from_ref(incoming), &[(key.clone(), 0, transfer_id)]).await?;
+    let mut outbox = Vec::new();
+    let applied = if claimed.contains(&transfer_id) {
+        let result = rejection(cmd, transfer_id, ResultCode::TransferFailed, None, Utc::now());
+        let mut w = Writes::default();
+        w.decided(incoming, &result, topics);
+        write_decisions(&mut tx, &w.decided).await?;
+        outbox.append(&mut w.outbox);
+        AppliedResult { result, repeat: false }
+    } else {
+        let stored = crate::transfers::find_many(&mut *tx, std::slice::from_ref(&key)).await?;
+        let s = stored.get(&key).ok_or_else(|| corrupt("claimed key without a row"))?;
+        AppliedResult { result: answer_repeat(cmd, s), repeat: true }
+    };
+    outbox.push(result_row(incoming, &applied.result));
+    crate::outbox::insert(&mut tx, &outbox).await?;
+    tx.commit().await?;
+    Ok(applied)
+}
+
+/// How hard to try before a command is answered `017_002`.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { attempts: 3, backoff: Duration::from_millis(50) }
+    }
+}
+
+async fn with_retries<T, F, Fut>(policy: RetryPolicy, mut f: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, LedgerError>>,
+{
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < policy.attempts => {
+                tracing::warn!(error = %e, attempt, "batch attempt failed; retrying");
+                tokio::time::sleep(policy.backoff * attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Applies a batch, retrying it whole; if it keeps failing, applies its commands
+/// one at a time so that one bad command cannot hold up the others, and records a
+/// command that still fails as `017_002`. Only a database that cannot be reached
+/// at all makes this return an error: then nothing was recorded and the caller
+/// must not commit the offsets.
+pub async fn apply_resilient(
+    pool: &PgPool,
+    batch: &[IncomingCommand],
+    topics: &OutboxTopics,
+    today: NaiveDate,
+    policy: RetryPolicy,
+) -> Result<BatchReport, LedgerError> {
+    let whole = with_retries(policy, || apply_batch(pool, batch, topics, today)).await;
+    let err = match whole {
+        Ok(report) => return Ok(report),
+        Err(e) => e,
+    };
+    if err.is_transient() && !crate::ping(pool).await {
+        return Err(err);
+    }
+    tracing::error!(error = %err, size = batch.len(), "batch failed; applying its commands one at a time");
+    let mut report = BatchReport::default();
+    for incoming in batch {
+        let single = std::slice::from_ref(incoming);
+        match with_retries(policy, || apply_batch(pool, single, topics, today)).await {
+            Ok(mut r) => report.results.append(&mut r.results),
+            Err(e) => {
+                if e.is_transient() && !crate::ping(pool).await {
+                    return Err(e);
+                }
+                tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "command failed; answering 017_002");
+                report.results.push(record_failure(pool, incoming, topics).await?);
+            }
+        }
+    }
+    Ok(report)
+}

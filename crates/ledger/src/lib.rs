@@ -1,0 +1,86 @@
+//! The ledger owns every row of money in Postgres: cards and their balances, the
+//! transfers that moved them, the double-entry ledger entries, and the outbox that
+//! announces each change. It applies a whole batch of transfer commands in one
+//! transaction (see [`batch`]) so that a crash can repeat work but never money.
+//!
+//! It decides nothing itself: the rules live in `cardflow-domain` and are called
+//! with the cards this crate loads and locks. It must not talk to Kafka or HTTP;
+//! what it wants published it writes to the outbox, for the relay.
+
+pub mod audit;
+pub mod batch;
+pub mod credentials;
+pub mod events;
+pub mod fixture;
+pub mod outbox;
+pub mod transfers;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub use audit::{AuditReport, Violation};
+pub use batch::{BatchReport, OutboxTopics};
+pub use credentials::{AccessKeyRecord, CryptoKeyRecord};
+pub use fixture::Fixture;
+pub use outbox::OutboxRow;
+pub use transfers::StoredTransfer;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("fixture: {0}")]
+    Fixture(String),
+    #[error("stored data is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl LedgerError {
+    /// Errors that a later attempt may not meet: lost connections, deadlocks and
+    /// serialization failures. Anything else is a fault in the data or the code.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LedgerError::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::Protocol(_) => true,
+                sqlx::Error::Database(db) => matches!(
+                    db.code().as_deref(),
+                    Some("40001") | Some("40P01") | Some("57P01") | Some("57P03") | Some("53300")
+                ),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Opens a pool. `max_connections` is per role: the worker wants few, long
+/// transactions; the gateway many short reads.
+pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, LedgerError> {
+    let options = PgConnectOptions::from_str(database_url)?.application_name("cardflow");
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+pub async fn migrate(pool: &PgPool) -> Result<(), LedgerError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Whether the database answers, for readiness probes.
+pub async fn ping(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}

@@ -1,0 +1,257 @@
+//! What an on-call engineer sees: structured logs (text for people, JSON for
+//! machines) and the Prometheus metrics every role exposes at `/metrics`.
+//!
+//! All series are declared here, in one struct, so their names, labels and units
+//! are reviewed together and the dashboard and alert rules have one place to look.
+//! This crate owns no business logic and must not depend on the other crates.
+
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use std::sync::{Arc, OnceLock};
+use tracing_subscriber::{fmt, EnvFilter};
+
+/// Installs the global `tracing` subscriber. `LOG_FORMAT=json` gives one JSON
+/// object per line; `RUST_LOG` filters (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,tower_http=warn"));
+    let builder = fmt().with_env_filter(filter).with_target(false);
+    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+}
+
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Every series cardflow exports. Roles update the ones they own.
+pub struct Metrics {
+    pub registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_duration: HistogramVec,
+    pub auth_failures: IntCounterVec,
+    pub reply_wait: Histogram,
+    pub reply_fallbacks: IntCounter,
+    pub waiting_requests: IntGauge,
+    pub commands_published: IntCounter,
+    pub commands_applied: IntCounterVec,
+    pub batch_size: Histogram,
+    pub batch_duration: Histogram,
+    pub batch_failures: IntCounter,
+    pub consumer_lag: IntGaugeVec,
+    pub dlq_messages: IntCounter,
+    pub outbox_backlog: IntGauge,
+    pub outbox_oldest_age: Gauge,
+    pub relay_published: IntCounterVec,
+    pub relay_publish_duration: Histogram,
+    pub relay_active: IntGauge,
+    pub audit_violations: IntGauge,
+    pub audit_last_run: Gauge,
+    pub build_info: IntGaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| HistogramOpts::new(name, help).buckets(buckets);
+        Metrics {
+            http_requests: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("cardflow_http_requests_total", "HTTP requests by route, status and result code"),
+                    &["route", "status", "code"],
+                )
+                .unwrap(),
+            ),
+            http_duration: reg(
+                &r,
+                HistogramVec::new(
+                    hist("cardflow_http_request_duration_seconds", "HTTP request latency", LATENCY_BUCKETS.to_vec()),
+                    &["route"],
+                )
+                .unwrap(),
+            ),
+            auth_failures: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("cardflow_auth_failures_total", "Requests refused by authentication, by code"),
+                    &["code"],
+                )
+                .unwrap(),
+            ),
+            reply_wait: reg(
+                &r,
+                Histogram::with_opts(hist(
+                    "cardflow_reply_wait_seconds",
+                    "Time from publishing a command to its result reaching the gateway",
+                    LATENCY_BUCKETS.to_vec(),
+                ))
+                .unwrap(),
+            ),
+            reply_fallbacks: reg(
+                &r,
+                IntCounter::new(
+                    "cardflow_reply_deadline_fallbacks_total",
+                    "Synchronous requests answered 202 because the deadline passed",
+                )
+                .unwrap(),
+            ),
+            waiting_requests: reg(
+                &r,
+                IntGauge::new("cardflow_reply_waiting_requests", "Requests waiting for their result").unwrap(),
+            ),
+            commands_published: reg(
+                &r,
+                IntCounter::new("cardflow_commands_published_total", "Transfer commands acknowledged by Kafka")
+                    .unwrap(),
+            ),
+            commands_applied: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cardflow_commands_applied_total",
+                        "Commands the worker decided, by result code and whether they were repeats",
+                    ),
+                    &["code", "repeat"],
+                )
+                .unwrap(),
+            ),
+            batch_size: reg(
+                &r,
+                Histogram::with_opts(hist(
+                    "cardflow_worker_batch_size",
+                    "Commands per applied batch",
+                    vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                ))
+                .unwrap(),
+            ),
+            batch_duration: reg(
+                &r,
+                Histogram::with_opts(hist(
+                    "cardflow_worker_batch_duration_seconds",
+                    "Time to apply one batch in Postgres",
+                    LATENCY_BUCKETS.to_vec(),
+                ))
+                .unwrap(),
+            ),
+            batch_failures: reg(
+                &r,
+                IntCounter::new(
+                    "cardflow_worker_batch_failures_total",
+                    "Batches that failed and were retried or split",
+                )
+                .unwrap(),
+            ),
+            consumer_lag: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cardflow_worker_consumer_lag_messages",
+                        "Messages behind the high watermark, per partition",
+                    ),
+                    &["partition"],
+                )
+                .unwrap(),
+            ),
+            dlq_messages: reg(
+                &r,
+                IntCounter::new("cardflow_worker_dlq_messages_total", "Commands sent to the dead-letter topic")
+                    .unwrap(),
+            ),
+            outbox_backlog: reg(
+                &r,
+                IntGauge::new("cardflow_outbox_backlog_rows", "Outbox rows not yet published").unwrap(),
+            ),
+            outbox_oldest_age: reg(
+                &r,
+                Gauge::new("cardflow_outbox_oldest_age_seconds", "Age of the oldest unpublished outbox row").unwrap(),
+            ),
+            relay_published: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new("cardflow_relay_published_total", "Outbox rows published, by topic"),
+                    &["topic"],
+                )
+                .unwrap(),
+            ),
+            relay_publish_duration: reg(
+                &r,
+                Histogram::with_opts(hist(
+                    "cardflow_relay_publish_duration_seconds",
+                    "Time to publish one outbox sweep until acknowledged",
+                    LATENCY_BUCKETS.to_vec(),
+                ))
+                .unwrap(),
+            ),
+            relay_active: reg(
+                &r,
+                IntGauge::new("cardflow_relay_active", "1 while this process holds the relay lock").unwrap(),
+            ),
+            audit_violations: reg(
+                &r,
+                IntGauge::new("cardflow_audit_violations", "Invariant violations found by the last audit").unwrap(),
+            ),
+            audit_last_run: reg(
+                &r,
+                Gauge::new("cardflow_audit_last_run_timestamp_seconds", "When the last audit finished").unwrap(),
+            ),
+            build_info: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("cardflow_build_info", "Version of the running binary"),
+                    &["version", "role"],
+                )
+                .unwrap(),
+            ),
+            registry: r,
+        }
+    }
+
+    /// The process-wide metrics.
+    pub fn global() -> &'static Metrics {
+        static METRICS: OnceLock<Metrics> = OnceLock::new();
+        METRICS.get_or_init(Metrics::new)
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+/// `/metrics` and `/healthz`, to merge into a role's router. `ready` answers
+/// `/readyz`.
+pub fn router<F, Fut>(ready: F) -> Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    let ready = Arc::new(ready);
+    Router::new()
+        .route(
+            "/metrics",
+            get(|| async { ([(CONTENT_TYPE, "text/plain; version=0.0.4")], Metrics::global().render()) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    match ready().await {
+                        Ok(()) => (axum::http::StatusCode::OK, "ready".to_string()).into_response(),
+                        Err(why) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+                    }
+                }
+            }),
+        )
+}

@@ -1,0 +1,246 @@
+//! The worker's loop: poll a batch of commands, apply it in one transaction, then
+//! commit the offsets. Undecodable commands go to the dead-letter topic with the
+//! reason in a header, and the loop moves on.
+
+use crate::WorkerError;
+use cardflow_bus::headers as h;
+use cardflow_bus::rdkafka::consumer::{CommitMode, Consumer, DefaultConsumerContext, StreamConsumer};
+use cardflow_bus::rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
+use cardflow_bus::rdkafka::util::Timeout;
+use cardflow_bus::rdkafka::{Offset, TopicPartitionList};
+use cardflow_bus::BusConfig;
+use cardflow_domain::command::SCHEMA_VERSION;
+use cardflow_domain::TransferCommand;
+use cardflow_ledger::batch::{apply_resilient, IncomingCommand, RetryPolicy};
+use cardflow_ledger::OutboxTopics;
+use cardflow_telemetry::Metrics;
+use sqlx::PgPool;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub group_id: String,
+    /// Most commands applied in one transaction.
+    pub max_batch: usize,
+    /// How long to keep collecting after the first command of a batch arrived.
+    pub batch_linger: Duration,
+    /// The platform's time zone: a card expires at the end of its `expiresOn` there.
+    pub platform_tz: chrono_tz::Tz,
+    pub retry: RetryPolicy,
+}
+
+enum Polled {
+    Command(IncomingCommand),
+    Poison { message: OwnedMessage, reason: String },
+}
+
+fn decode(msg: OwnedMessage) -> Polled {
+    let payload = msg.payload().unwrap_or_default();
+    match serde_json::from_slice::<TransferCommand>(payload) {
+        Ok(cmd) if cmd.schema_version == SCHEMA_VERSION => {
+            let traceparent = msg.headers().and_then(|hs| {
+                hs.iter()
+                    .find(|x| x.key == h::TRACEPARENT)
+                    .and_then(|x| x.value)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .map(str::to_string)
+            });
+            Polled::Command(IncomingCommand { command: cmd, traceparent })
+        }
+        Ok(cmd) => {
+            Polled::Poison { message: msg, reason: format!("unsupported schema version {}", cmd.schema_version) }
+        }
+        Err(e) => Polled::Poison { message: msg, reason: format!("undecodable command: {e}") },
+    }
+}
+
+async fn dead_letter(
+    producer: &FutureProducer,
+    dlq: &str,
+    message: &OwnedMessage,
+    reason: &str,
+) -> Result<(), WorkerError> {
+    let mut headers = OwnedHeaders::new();
+    if let Some(orig) = message.headers() {
+        for x in orig.iter() {
+            headers = headers.insert(Header { key: x.key, value: x.value });
+        }
+    }
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    headers = headers
+        .insert(Header { key: h::DLQ_REASON, value: Some(reason.as_bytes()) })
+        .insert(Header { key: "dlq-source-topic", value: Some(message.topic().as_bytes()) })
+        .insert(Header { key: "dlq-source-partition", value: Some(partition.as_bytes()) })
+        .insert(Header { key: "dlq-source-offset", value: Some(offset.as_bytes()) });
+    let mut record: FutureRecord<[u8], [u8]> = FutureRecord::to(dlq).headers(headers);
+    if let Some(k) = message.key() {
+        record = record.key(k);
+    }
+    if let Some(p) = message.payload() {
+        record = record.payload(p);
+    }
+    producer.send(record, Timeout::After(Duration::from_secs(10))).await.map_err(|(e, _)| WorkerError::Kafka(e))?;
+    Metrics::global().dlq_messages.inc();
+    tracing::warn!(
+        reason,
+        partition = message.partition(),
+        offset = message.offset(),
+        "command sent to the dead-letter topic"
+    );
+    Ok(())
+}
+
+/// Polls up to `max_batch` messages: waits for the first, then takes what arrives
+/// within `batch_linger`.
+async fn poll_batch(
+    consumer: &StreamConsumer,
+    config: &WorkerConfig,
+    shutdown: &CancellationToken,
+) -> Option<Vec<OwnedMessage>> {
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        m = consumer.recv() => m,
+    };
+    let mut batch = Vec::with_capacity(config.max_batch);
+    match first {
+        Ok(m) => batch.push(m.detach()),
+        Err(e) => {
+            tracing::warn!(error = %e, "consumer error");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Some(batch);
+        }
+    }
+    let until = tokio::time::Instant::now() + config.batch_linger;
+    while batch.len() < config.max_batch {
+        match tokio::time::timeout_at(until, consumer.recv()).await {
+            Ok(Ok(m)) => batch.push(m.detach()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error");
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+pub async fn run_worker(
+    config: WorkerConfig,
+    pool: PgPool,
+    bus: BusConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let consumer: Arc<StreamConsumer> = Arc::new(bus.group_consumer(&config.group_id, DefaultConsumerContext)?);
+    consumer.subscribe(&[&bus.topics.commands])?;
+    let dlq_producer = bus.producer(0)?;
+    let topics = OutboxTopics {
+        card_balance: bus.topics.card_balance.clone(),
+        transfer_events: bus.topics.transfer_events.clone(),
+    };
+    tokio::spawn(report_lag(consumer.clone(), shutdown.clone()));
+    tracing::info!(group = config.group_id, topic = bus.topics.commands, "worker consuming");
+    let metrics = Metrics::global();
+
+    while let Some(messages) = poll_batch(&consumer, &config, &shutdown).await {
+        if messages.is_empty() {
+            continue;
+        }
+        let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        let mut commands = Vec::with_capacity(messages.len());
+        for m in messages {
+            let slot = offsets.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
+            *slot = (*slot).max(m.offset());
+            match decode(m) {
+                Polled::Command(c) => commands.push(c),
+                Polled::Poison { message, reason } => {
+                    // Without the DLQ copy the offset must not move: retry until Kafka takes it.
+                    while let Err(e) = dead_letter(&dlq_producer, &bus.topics.dlq, &message, &reason).await {
+                        tracing::error!(error = %e, "dead-lettering failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+
+        if !commands.is_empty() {
+            let started = Instant::now();
+            loop {
+                let today = chrono::Utc::now().with_timezone(&config.platform_tz).date_naive();
+                match apply_resilient(&pool, &commands, &topics, today, config.retry).await {
+                    Ok(report) => {
+                        metrics.batch_size.observe(commands.len() as f64);
+                        metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+                        for r in &report.results {
+                            let repeat = if r.repeat { "true" } else { "false" };
+                            metrics.commands_applied.with_label_values(&[&r.result.code, repeat]).inc();
+                            tracing::debug!(correlation_id = %r.result.correlation_id, code = r.result.code, repeat = r.repeat, "decided");
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        // The database is unreachable: nothing was recorded. Keep the
+                        // batch and its offsets and try again.
+                        metrics.batch_failures.inc();
+                        tracing::error!(error = %e, "database unavailable; retrying the batch");
+                        if shutdown.is_cancelled() {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), offset) in &offsets {
+            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+        }
+        // Async is enough: a commit lost here only means a redelivery, which the
+        // ledger answers from the stored result.
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered");
+        }
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let c = consumer.clone();
+        let lags = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let Ok(positions) = c.position() else {
+                return out;
+            };
+            for e in positions.elements() {
+                if let Ok((_, high)) = c.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
+                    let lag = match e.offset() {
+                        Offset::Offset(p) => (high - p).max(0),
+                        _ => high,
+                    };
+                    out.push((e.partition(), lag));
+                }
+            }
+            out
+        })
+        .await
+        .unwrap_or_default();
+        let gauge = &Metrics::global().consumer_lag;
+        // Only partitions this worker owns now: a partition lost in a rebalance
+        // must not keep reporting its last lag.
+        gauge.reset();
+        for (partition, lag) in lags {
+            gauge.with_label_values(&[&partition.to_string()]).set(lag);
+        }
+    }
+}

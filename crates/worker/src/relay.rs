@@ -1,0 +1,192 @@
+//! The relay publishes the outbox. One relay is active at a time: it holds a
+//! Postgres advisory lock on a connection of its own, and standbys wait for it.
+//! A `NOTIFY` from the outbox trigger wakes it; a periodic sweep covers a lost
+//! notification. Rows go out in id order and are marked published only after the
+//! broker acknowledged them, so a crash republishes (consumers deduplicate by event
+//! id and sequence) but never loses or reorders a key's messages.
+
+use crate::WorkerError;
+use cardflow_bus::rdkafka::message::{Header, OwnedHeaders};
+use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
+use cardflow_bus::rdkafka::util::Timeout;
+use cardflow_bus::BusConfig;
+use cardflow_ledger::outbox::{self, OutboxRow, NOTIFY_CHANNEL};
+use cardflow_telemetry::Metrics;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// An arbitrary constant naming the relay's advisory lock.
+const RELAY_LOCK: i64 = 0x6361_7264_666c_6f77; // "cardflow"
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Rows read and published per round.
+    pub batch: i64,
+    /// How often to look without a notification.
+    pub sweep_interval: Duration,
+    /// Published rows older than this are deleted.
+    pub retain_published: Duration,
+    pub producer_linger_ms: u32,
+    /// How often the active relay runs the ledger audit for the audit metrics.
+    pub audit_interval: Duration,
+}
+
+fn record_headers(row: &OutboxRow) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(obj) = row.headers.as_object() {
+        for (k, v) in obj {
+            if let Some(s) = v.as_str() {
+                headers = headers.insert(Header { key: k, value: Some(s.as_bytes()) });
+            }
+        }
+    }
+    headers
+}
+
+/// Publishes rows concurrently (the idempotent producer keeps per-partition order)
+/// and returns the ids of the longest prefix that the broker acknowledged. Rows
+/// after a failure are retried next round: a duplicate is better than a reorder.
+async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Vec<i64> {
+    let sends = rows.iter().map(|row| {
+        let mut record = FutureRecord::to(&row.topic).key(&row.key).payload(&row.payload).headers(record_headers(row));
+        if let Some(p) = row.partition {
+            record = record.partition(p);
+        }
+        producer.send(record, Timeout::After(Duration::from_secs(10)))
+    });
+    let results = futures::future::join_all(sends).await;
+    let metrics = Metrics::global();
+    let mut done = Vec::with_capacity(rows.len());
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Ok(_) => {
+                metrics.relay_published.with_label_values(&[&row.topic]).inc();
+                done.push(row.id);
+            }
+            Err((e, _)) => {
+                tracing::warn!(error = %e, id = row.id, topic = row.topic, "publish failed; will retry");
+                break;
+            }
+        }
+    }
+    done
+}
+
+pub async fn run_relay(
+    config: RelayConfig,
+    pool: PgPool,
+    bus: BusConfig,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let producer = bus.producer(config.producer_linger_ms)?;
+    let metrics = Metrics::global();
+    'standby: loop {
+        // The lock lives as long as this connection: if it breaks, Postgres frees the
+        // lock and a standby takes over.
+        let mut lock_conn = loop {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            match pool.acquire().await {
+                Ok(mut conn) => {
+                    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                        .bind(RELAY_LOCK)
+                        .fetch_one(&mut *conn)
+                        .await?;
+                    if got {
+                        break conn.detach();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "relay cannot reach the database"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        };
+        metrics.relay_active.set(1);
+        tracing::info!("relay active");
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(NOTIFY_CHANNEL).await?;
+        let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
+        let mut last_audit: Option<Instant> = None;
+        loop {
+            if shutdown.is_cancelled() {
+                metrics.relay_active.set(0);
+                return Ok(());
+            }
+            if last_housekeeping.elapsed() > Duration::from_secs(5) {
+                use sqlx::Connection;
+                if lock_conn.ping().await.is_err() {
+                    tracing::warn!("relay lost its lock connection; standing by");
+                    metrics.relay_active.set(0);
+                    continue 'standby;
+                }
+                if let Ok((rows, age)) = outbox::backlog(&pool).await {
+                    metrics.outbox_backlog.set(rows);
+                    metrics.outbox_oldest_age.set(age);
+                }
+                if let Err(e) = outbox::purge_published(&pool, config.retain_published.as_secs() as i64).await {
+                    tracing::warn!(error = %e, "outbox purge failed");
+                }
+                last_housekeeping = Instant::now();
+            }
+            // The active relay also audits the ledger now and then, so the audit
+            // metrics (and their alert) reflect a recent check.
+            if last_audit.is_none_or(|t| t.elapsed() > config.audit_interval) {
+                last_audit = Some(Instant::now());
+                let pool = pool.clone();
+                tokio::spawn(async move {
+                    match cardflow_ledger::audit::run(&pool).await {
+                        Ok(report) => {
+                            let m = Metrics::global();
+                            m.audit_violations.set(report.violations.len() as i64);
+                            m.audit_last_run.set(chrono::Utc::now().timestamp() as f64);
+                            for v in &report.violations {
+                                tracing::error!(violation = %v, "audit violation");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "audit failed to run"),
+                    }
+                });
+            }
+            let rows = match outbox::unpublished(&pool, config.batch).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the outbox failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if !rows.is_empty() {
+                let started = Instant::now();
+                let done = publish(&producer, &rows).await;
+                metrics.relay_publish_duration.observe(started.elapsed().as_secs_f64());
+                if !done.is_empty() {
+                    while let Err(e) = outbox::mark_published(&pool, &done).await {
+                        tracing::warn!(error = %e, "marking published failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                if done.len() == rows.len() && rows.len() as i64 == config.batch {
+                    continue; // more waiting
+                }
+                if done.len() < rows.len() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                n = listener.recv() => {
+                    if let Err(e) = n {
+                        tracing::warn!(error = %e, "outbox listener failed; sweeping");
+                    }
+                }
+                _ = tokio::time::sleep(config.sweep_interval) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Sync over async: the deadline fallback, `Prefer: respond-async`, and the status
+//! query that answers the final result.
+
+use crate::helpers::*;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn past_the_deadline_the_answer_is_202_and_the_command_is_applied_later() {
+    let sys = System::start(Roles { workers: 0, reply_deadline_ms: 1_000, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+
+    let started = Instant::now();
+    let reply = sys.send(&sign_post(&m.body(0, 1, Some(300)), Some(cid.clone()), false), &[]).await;
+
+    assert!(started.elapsed() < Duration::from_millis(2_500), "answered within the deadline");
+    assert_eq!((reply.status, reply.code()), (202, "000_009"));
+    assert_eq!(reply.json["status"], "PENDING");
+    assert_eq!(reply.header("location"), Some(format!("/api/v1/transfer/balance/{cid}").as_str()));
+    assert_eq!(sys.status(&cid).await.status, 202);
+
+    sys.spawn("worker", &[]);
+
+    let done = eventually(Duration::from_secs(60), "the transfer to be applied", || async {
+        let r = sys.status(&cid).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!((done.code(), done.amount()), ("000_000", Some(dec(300))));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(700));
+    assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn respond_async_answers_202_at_once_and_the_status_query_gives_the_result() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let req = sign_post(&m.body(0, 1, Some(100)), None, false);
+
+    let reply = sys.send(&req, &[("Prefer", "respond-async")]).await;
+
+    assert_eq!((reply.status, reply.code()), (202, "000_009"));
+    let done = eventually(Duration::from_secs(30), "the result", || async {
+        let r = sys.status(&req.correlation_id).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
+    assert_eq!(done.amount(), Some(dec(100)));
+}
+
+#[tokio::test]
+async fn a_status_query_for_an_unknown_request_is_404() {
+    let sys = shared();
+    let reply = sys.status(&fresh_correlation_id()).await;
+    assert_eq!((reply.status, reply.code()), (404, "000_012"));
+}
+
+#[tokio::test]
+async fn a_status_query_of_a_rejection_answers_like_the_post() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(10), CardSpec::prepaid(0)]).await;
+    let req = sign_post(&m.body(0, 1, Some(100)), None, false);
+    let posted = sys.send(&req, &[]).await;
+
+    let queried = sys.status(&req.correlation_id).await;
+
+    assert_eq!((queried.status, &queried.json), (posted.status, &posted.json));
+    assert_eq!(queried.code(), "005_018");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_a_gateway_dies_with_requests_waiting_they_are_applied_and_another_gateway_answers() {
+    // No worker: the requests wait; gateway A holds them and dies.
+    let sys = System::start(Roles { workers: 0, reply_deadline_ms: 30_000, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let requests: Vec<_> = (0..5).map(|_| sign_post(&m.body(0, 1, Some(100)), None, false)).collect();
+    let waiting: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|req| {
+            let port = sys.http_port;
+            let client = reqwest::Client::new();
+            tokio::spawn(async move {
+                let mut b = client.post(format!("http://127.0.0.1:{port}{}", req.path)).body(req.body.clone());
+                for (k, v) in &req.headers {
+                    b = b.header(k, v);
+                }
+                b.send().await.map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(20), "all requests submitted", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM submissions").fetch_one(&pool).await.unwrap();
+        (n == 5).then_some(())
+    })
+    .await;
+
+    sys.kill(Some("gateway"));
+    let other_again = sys.spawn_gateway(1);
+    sys.spawn("worker", &[]);
+
+    for w in waiting {
+        assert!(w.await.unwrap().is_err(), "the dead gateway's clients lost their connection");
+    }
+    for req in &requests {
+        let done = eventually(Duration::from_secs(60), "the result on another gateway", || async {
+            let status = sign_with(
+                &credentials(),
+                "GET",
+                &format!("/api/v1/transfer/balance/{}", req.correlation_id),
+                b"",
+                None,
+                false,
+            );
+            let r = sys.send_to(other_again, &status, &[]).await;
+            (r.status == 200).then_some(r)
+        })
+        .await;
+        assert_eq!(done.code(), "000_000");
+    }
+    assert_eq!(balance(&pool, m.card(0)).await, dec(500));
+    assert_eq!(entries(&pool, m.card(0)).await.len(), 5);
+}
+
+#[tokio::test]
+async fn a_poison_command_goes_to_the_dead_letter_topic_and_later_commands_still_apply() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let poison = format!("not a command {}", fresh_correlation_id());
+
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), poison.as_bytes(), None).await;
+    let reply = sys.transfer(&m.body(0, 1, Some(10))).await;
+
+    assert_eq!((reply.status, reply.code()), (200, "000_000"));
+    let dead = read_topic(&sys.bus, &sys.bus.topics.dlq, 1, Duration::from_secs(20), |seen| {
+        seen.iter().any(|(k, _, _)| k == m.card(0))
+    })
+    .await;
+    let (_, _, headers) = dead.iter().find(|(k, _, _)| k == m.card(0)).expect("the poison message is dead-lettered");
+    let reason = headers.iter().find(|(k, _)| k == "dlq-reason").map(|(_, v)| v.as_str()).unwrap_or("");
+    assert!(reason.starts_with("undecodable command"), "reason header: {reason:?}");
+}

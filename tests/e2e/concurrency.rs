@@ -1,0 +1,144 @@
+//! Many clients, several workers, hot cards, duplicates and restarts: money is
+//! conserved, the audit passes, and no correlation id moves money twice.
+
+use crate::helpers::*;
+use futures::StreamExt;
+use rust_decimal::Decimal;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::time::Duration;
+
+async fn final_answer(sys: &System, cid: &str, reply: Reply) -> Reply {
+    if reply.status != 202 {
+        return reply;
+    }
+    eventually(Duration::from_secs(60), "a final status", || async {
+        let r = sys.status(cid).await;
+        (r.status != 202).then_some(r)
+    })
+    .await
+}
+
+fn audit(sys: &System) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cardflow"))
+        .arg("audit")
+        .env("DATABASE_URL", &sys.database_url)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_transfers_with_duplicates_conserve_money_across_two_workers() {
+    let sys = System::start(Roles { workers: 2, reply_deadline_ms: 20_000, ..Roles::default() });
+    let pool = sys.pool().await;
+    let mut members = Vec::new();
+    for _ in 0..3 {
+        members.push(
+            seed_member(
+                &pool,
+                &[
+                    CardSpec::prepaid(100_000),
+                    CardSpec::prepaid(100_000),
+                    CardSpec::prepaid(100_000),
+                    CardSpec::prepaid(100_000),
+                ],
+            )
+            .await,
+        );
+    }
+    let total_before = cardflow_ledger::audit::total_balance(&pool).await.unwrap();
+
+    // 400 requests; card 0 of each member is hot; about one in eight repeats an
+    // earlier request exactly (same correlation id and body).
+    let mut requests: Vec<(String, Value)> = Vec::new();
+    for i in 0..400u64 {
+        if i > 10 && rand::random::<u8>().is_multiple_of(8) {
+            let earlier = requests[rand::random::<usize>() % requests.len()].clone();
+            requests.push(earlier);
+            continue;
+        }
+        let m = &members[rand::random::<usize>() % members.len()];
+        let from = if rand::random::<bool>() { 0 } else { 1 + rand::random::<usize>() % 3 };
+        let to = if from == 0 { 1 + rand::random::<usize>() % 3 } else { 0 };
+        let amount = if rand::random::<u8>().is_multiple_of(20) {
+            None
+        } else {
+            Some(1 + (rand::random::<u64>() % 5_000) as i64)
+        };
+        requests.push((fresh_correlation_id(), m.body(from, to, amount)));
+    }
+
+    let sys_ref = &sys;
+    let answers: Vec<(String, Reply)> = futures::stream::iter(requests.clone())
+        .map(|(cid, body)| async move {
+            let reply = sys_ref.send(&sign_post(&body, Some(cid.clone()), false), &[]).await;
+            let reply = final_answer(sys_ref, &cid, reply).await;
+            (cid, reply)
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+
+    let mut by_cid: HashMap<String, Vec<&Reply>> = HashMap::new();
+    for (cid, r) in &answers {
+        assert!(r.status == 200 || r.status == 400, "unexpected answer {} {:?}", r.status, r.json);
+        by_cid.entry(cid.clone()).or_default().push(r);
+    }
+    let mut moved_by_answers = Decimal::ZERO;
+    for (cid, replies) in &by_cid {
+        assert!(replies.iter().all(|r| r.json == replies[0].json), "{cid}: answers disagree: {replies:?}");
+        if replies[0].code() == "000_000" {
+            moved_by_answers += replies[0].amount().unwrap();
+        }
+    }
+    let debits: Vec<(String, i64, Decimal)> = sqlx::query_as(
+        "SELECT t.correlation_id, count(*), sum(e.amount) FROM ledger_entries e JOIN transfers t USING (transfer_id)
+         WHERE e.side = 'DEBIT' GROUP BY t.correlation_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(debits.iter().all(|(_, n, _)| *n == 1), "a correlation id moved money twice");
+    let moved_in_ledger: Decimal = debits.iter().map(|d| d.2).sum();
+    assert_eq!(moved_in_ledger, moved_by_answers, "the ledger moved what the answers said");
+    assert_eq!(cardflow_ledger::audit::total_balance(&pool).await.unwrap(), total_before);
+    let out = audit(&sys);
+    assert!(out.status.success(), "audit failed:\n{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[tokio::test]
+async fn a_request_repeated_after_the_whole_system_restarted_gets_the_stored_result() {
+    let sys = System::start(Roles::default());
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let body = m.body(0, 1, Some(600));
+    let first = sys.send(&sign_post(&body, Some(cid.clone()), false), &[]).await;
+    assert_eq!(first.code(), "000_000");
+
+    sys.stop(None);
+    sys.start_roles(&Roles::default());
+    let again = sys.send(&sign_post(&body, Some(cid), false), &[]).await;
+
+    assert_eq!(again.json, first.json);
+    assert_eq!(balance(&pool, m.card(0)).await, dec(400));
+    assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn the_audit_names_a_card_whose_balance_does_not_match_its_entries() {
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: false, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000)]).await;
+    assert!(audit(&sys).status.success());
+
+    sqlx::query("UPDATE cards SET balance = balance + 1 WHERE card_no = $1")
+        .bind(m.card(0))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let out = audit(&sys);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(m.card(0)));
+}

@@ -1,0 +1,92 @@
+//! `(AspId, X-KM-Correlation-Id)` names a request forever: repeats get the first
+//! answer and move no money; a reused id with another body is refused.
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn the_same_request_again_gets_the_first_result_and_moves_money_once() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let body = m.body(0, 1, Some(300));
+
+    let first = sys.send(&sign_post(&body, Some(cid.clone()), false), &[]).await;
+    let second = sys.send(&sign_post(&body, Some(cid.clone()), false), &[]).await;
+
+    assert_eq!((first.status, first.code()), (200, "000_000"));
+    assert_eq!(second.json, first.json);
+    assert_eq!(balance(&pool, m.card(0)).await, dec(700));
+    assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_repeats_of_one_request_move_money_once() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let body = m.body(0, 1, Some(250));
+
+    let replies = futures::future::join_all((0..10).map(|_| {
+        let req = sign_post(&body, Some(cid.clone()), false);
+        async move { sys.send(&req, &[]).await }
+    }))
+    .await;
+
+    for r in &replies {
+        assert_eq!((r.status, r.code()), (200, "000_000"), "{:?}", r.json);
+        assert_eq!(r.amount(), Some(dec(250)));
+    }
+    assert_eq!(balance(&pool, m.card(0)).await, dec(750));
+    assert_eq!(entries(&pool, m.card(1)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_reused_correlation_id_with_another_body_is_refused_and_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let first = sys.send(&sign_post(&m.body(0, 1, Some(100)), Some(cid.clone()), false), &[]).await;
+    assert_eq!(first.code(), "000_000");
+
+    let other = sys.send(&sign_post(&m.body(0, 1, Some(200)), Some(cid), false), &[]).await;
+
+    assert_eq!((other.status, other.code()), (409, "000_008"));
+    assert_eq!(other.message(), "Correlation id already used with a different request.");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(900));
+}
+
+#[tokio::test]
+async fn a_repeated_rejection_stays_a_rejection_after_the_balance_changed() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(100), CardSpec::prepaid(0), CardSpec::prepaid(1_000)]).await;
+    let cid = fresh_correlation_id();
+    let body = m.body(0, 1, Some(500));
+    let first = sys.send(&sign_post(&body, Some(cid.clone()), false), &[]).await;
+    assert_eq!(first.code(), "005_018");
+    // Now the card could pay.
+    assert_eq!(sys.transfer(&m.body(2, 0, Some(900))).await.code(), "000_000");
+
+    let again = sys.send(&sign_post(&body, Some(cid), false), &[]).await;
+
+    assert_eq!((again.status, again.code()), (400, "005_018"));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
+#[tokio::test]
+async fn null_and_zero_amounts_are_the_same_request() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(500), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let first = sys.send(&sign_post(&m.body(0, 1, None), Some(cid.clone()), false), &[]).await;
+
+    let again = sys.send(&sign_post(&m.body(0, 1, Some(0)), Some(cid), false), &[]).await;
+
+    assert_eq!(first.code(), "000_000");
+    assert_eq!(again.json, first.json);
+    assert_eq!(balance(&pool, m.card(1)).await, dec(500));
+}

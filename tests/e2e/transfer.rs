@@ -1,0 +1,188 @@
+//! The walking skeleton: a transfer travels gateway → Kafka → worker → ledger →
+//! outbox → relay → reply, and the money and events show it.
+
+use crate::helpers::*;
+use cardflow_domain::command::SCHEMA_VERSION;
+use cardflow_domain::{AspId, CardNo, CorrelationId, Money, ReplyAddress, TransferCommand, TransferRequest, UserId};
+use serde_json::Value;
+use std::time::Duration;
+
+#[tokio::test]
+async fn a_transfer_over_http_moves_the_money_and_announces_both_balances() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(50_000), CardSpec::prepaid(10_000)]).await;
+
+    let reply = sys.transfer(&m.body(0, 1, Some(30_000))).await;
+
+    assert_eq!(reply.status, 200, "{:?}", reply.json);
+    assert_eq!(reply.code(), "000_000");
+    assert_eq!(reply.message(), "Success.");
+    assert_eq!(reply.amount(), Some(dec(30_000)));
+    assert!(reply.header("x-km-correlation-id").is_some());
+    assert_eq!(balance(&pool, m.card(0)).await, dec(20_000));
+    assert_eq!(balance(&pool, m.card(1)).await, dec(40_000));
+    assert_eq!(entries(&pool, m.card(0)).await, vec![("DEBIT".into(), dec(30_000), dec(20_000), 1)]);
+    assert_eq!(entries(&pool, m.card(1)).await, vec![("CREDIT".into(), dec(30_000), dec(40_000), 1)]);
+
+    let cards = [m.card(0).to_string(), m.card(1).to_string()];
+    let events =
+        read_topic(&sys.bus, &sys.bus.topics.card_balance, sys.bus.partitions, Duration::from_secs(20), |seen| {
+            cards.iter().all(|c| seen.iter().any(|(k, _, _)| k == c))
+        })
+        .await;
+    let mine: Vec<&Value> = events.iter().filter(|(k, _, _)| cards.contains(k)).map(|(_, v, _)| v).collect();
+    assert_eq!(mine.len(), 2, "one event per card: {mine:?}");
+    let of = |card: &str| mine.iter().find(|e| e["cardNo"] == card).unwrap();
+    assert_eq!(of(m.card(0))["delta"], "-30000");
+    assert_eq!(of(m.card(0))["balanceAfter"], "20000");
+    assert_eq!(of(m.card(0))["sequence"], 1);
+    assert_eq!(of(m.card(1))["delta"], "30000");
+    assert_eq!(of(m.card(1))["balanceAfter"], "40000");
+    assert_eq!(of(m.card(1))["userId"].as_u64(), Some(m.user_id));
+}
+
+#[tokio::test]
+async fn a_null_amount_transfers_the_whole_balance() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(12_345), CardSpec::prepaid(5)]).await;
+    let mut body = m.body(0, 1, None);
+    body["amount"] = Value::Null;
+
+    let reply = sys.transfer(&body).await;
+
+    assert_eq!((reply.status, reply.code()), (200, "000_000"));
+    assert_eq!(reply.amount(), Some(dec(12_345)));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(0));
+    assert_eq!(balance(&pool, m.card(1)).await, dec(12_350));
+}
+
+#[tokio::test]
+async fn a_zero_amount_transfers_the_whole_balance() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(777), CardSpec::prepaid(0)]).await;
+
+    let reply = sys.transfer(&m.body(0, 1, Some(0))).await;
+
+    assert_eq!((reply.status, reply.code()), (200, "000_000"));
+    assert_eq!(reply.amount(), Some(dec(777)));
+    assert_eq!(balance(&pool, m.card(1)).await, dec(777));
+}
+
+#[tokio::test]
+async fn insufficient_balance_is_refused_and_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(100), CardSpec::prepaid(0)]).await;
+
+    let reply = sys.transfer(&m.body(0, 1, Some(101))).await;
+
+    assert_eq!((reply.status, reply.code()), (400, "005_018"));
+    assert_eq!(reply.message(), "There is not enough balance to transfer.");
+    assert_eq!(reply.json.get("amount"), None);
+    assert_eq!(balance(&pool, m.card(0)).await, dec(100));
+    assert!(entries(&pool, m.card(0)).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_transfer_to_the_same_card_is_refused_and_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(100)]).await;
+
+    let reply = sys.transfer(&m.body(0, 0, Some(10))).await;
+
+    assert_eq!((reply.status, reply.code()), (400, "017_003"));
+    assert_eq!(reply.message(), "Value transfer between same card.");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(100));
+}
+
+fn command(
+    m: &Member,
+    from: usize,
+    to: usize,
+    amount: Option<u64>,
+    reply_partition: i32,
+    sys: &System,
+) -> TransferCommand {
+    let request = TransferRequest {
+        user_id: UserId::new(m.user_id).unwrap(),
+        from_card_no: CardNo::parse(m.card(from)).unwrap(),
+        to_card_no: CardNo::parse(m.card(to)).unwrap(),
+        amount: amount.map(Money::from_units),
+    };
+    TransferCommand {
+        schema_version: SCHEMA_VERSION,
+        asp_id: AspId::parse(ASP_ID).unwrap(),
+        correlation_id: CorrelationId::parse(&fresh_correlation_id()).unwrap(),
+        fingerprint: request.fingerprint(),
+        request,
+        reply_to: ReplyAddress { topic: sys.bus.topics.results.clone(), partition: reply_partition },
+        submitted_at: chrono::Utc::now(),
+    }
+}
+
+async fn results_for(sys: &System, partition: i32, ids: &[String], count: usize) -> Vec<Value> {
+    let all =
+        read_topic(&sys.bus, &sys.bus.topics.results, sys.bus.reply_partitions, Duration::from_secs(30), |seen| {
+            seen.iter().filter(|(k, _, _)| ids.contains(k)).count() >= count
+        })
+        .await;
+    let _ = partition;
+    all.into_iter().filter(|(k, _, _)| ids.contains(k)).map(|(_, v, _)| v).collect()
+}
+
+#[tokio::test]
+async fn the_same_command_delivered_twice_moves_the_money_once_and_answers_both() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    // Partition 3 of the results topic is read by no gateway: the test reads it.
+    let cmd = command(&m, 0, 1, Some(400), 3, sys);
+    let payload = serde_json::to_vec(&cmd).unwrap();
+
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), &payload, None).await;
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), &payload, None).await;
+
+    let results = results_for(sys, 3, &[cmd.correlation_id.to_string()], 2).await;
+    assert_eq!(results.len(), 2, "both deliveries are answered: {results:?}");
+    for r in &results {
+        assert_eq!(r["code"], "000_000");
+        assert_eq!(r["amount"], "400");
+    }
+    assert_eq!(results[0]["transferId"], results[1]["transferId"]);
+    assert_eq!(balance(&pool, m.card(0)).await, dec(600));
+    assert_eq!(balance(&pool, m.card(1)).await, dec(400));
+    assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_batch_applies_its_commands_in_offset_order() {
+    // No worker yet: the commands wait in Kafka and the first poll takes them all.
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: true, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cmds = [
+        command(&m, 0, 1, Some(600), 1, &sys),
+        command(&m, 0, 1, Some(600), 1, &sys),
+        command(&m, 0, 1, None, 1, &sys),
+    ];
+    for c in &cmds {
+        produce(&sys.bus, &sys.bus.topics.commands, m.card(0), &serde_json::to_vec(c).unwrap(), None).await;
+    }
+
+    sys.spawn("worker", &[]);
+
+    let ids: Vec<String> = cmds.iter().map(|c| c.correlation_id.to_string()).collect();
+    let results = results_for(&sys, 1, &ids, 3).await;
+    let by_id = |i: usize| results.iter().find(|r| r["correlationId"] == ids[i].as_str()).unwrap();
+    assert_eq!((by_id(0)["code"].as_str(), by_id(0)["amount"].as_str()), (Some("000_000"), Some("600")));
+    assert_eq!(by_id(1)["code"], "005_018", "the second sees the first's balance");
+    assert_eq!((by_id(2)["code"].as_str(), by_id(2)["amount"].as_str()), (Some("000_000"), Some("400")));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(0));
+    assert_eq!(balance(&pool, m.card(1)).await, dec(1_000));
+    let seqs: Vec<i64> = entries(&pool, m.card(1)).await.iter().map(|e| e.3).collect();
+    assert_eq!(seqs, vec![1, 2]);
+}
