@@ -145,3 +145,39 @@ async fn a_poison_command_goes_to_the_dead_letter_topic_and_later_commands_still
     let reason = headers.iter().find(|(k, _)| k == "dlq-reason").map(|(_, v)| v.as_str()).unwrap_or("");
     assert!(reason.starts_with("undecodable command"), "reason header: {reason:?}");
 }
+
+#[tokio::test]
+async fn an_encrypted_status_query_answers_the_result_encrypted() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let post = sign_post(&m.body(0, 1, Some(120)), None, true);
+    assert_eq!(sys.send(&post, &[]).await.code(), "000_000");
+
+    let path = format!("/api/v1/transfer/balance/{}", post.correlation_id);
+    let reply = sys.send(&sign_with(&credentials(), "GET", &path, b"", None, true), &[]).await;
+
+    assert_eq!(reply.header("x-km-crypto-key-id"), Some(CRYPTO_KEY_ID));
+    assert!(reply.raw.contains("encData") && !reply.raw.contains("000_000"), "the wire shows only ciphertext");
+    assert_eq!((reply.status, reply.code(), reply.amount()), (200, "000_000", Some(dec(120))));
+}
+
+#[tokio::test]
+async fn an_asp_cannot_see_another_asps_request() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let post = sign_post(&m.body(0, 1, Some(10)), None, false);
+    assert_eq!(sys.send(&post, &[]).await.code(), "000_000");
+
+    let other = cardflow_gateway::client::Credentials {
+        asp_id: ASP_ID_3.into(),
+        access_key: ACCESS_KEY_3.into(),
+        signing_secret: SIGNING_SECRET.into(),
+        crypto_key: None,
+    };
+    let path = format!("/api/v1/transfer/balance/{}", post.correlation_id);
+    let reply = sys.send(&sign_with(&other, "GET", &path, b"", None, false), &[]).await;
+
+    assert_eq!((reply.status, reply.code()), (404, "000_012"));
+}

@@ -142,3 +142,29 @@ async fn the_audit_names_a_card_whose_balance_does_not_match_its_entries() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains(m.card(0)));
 }
+
+#[tokio::test]
+async fn re_seeding_a_card_the_ledger_moved_keeps_its_ledger_balance_and_the_audit_passes() {
+    let sys = System::start(Roles::default());
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    assert_eq!(sys.transfer(&m.body(0, 1, Some(300))).await.code(), "000_000");
+
+    // The same fixture again, as every `make run` does, but with a new expiry.
+    let card = |no: &str, balance: i64| {
+        serde_json::json!({"cardNo": no, "userId": m.user_id, "productId": "PREPAID", "status": "ACTIVE",
+                           "balance": balance, "totalLoaded": balance, "expiresOn": "2098-01-01", "maxBalance": null})
+    };
+    let again = serde_json::json!({"cards": [card(m.card(0), 1_000), card(m.card(1), 0)]});
+    cardflow_ledger::Fixture::from_json(&again.to_string()).unwrap().load(&pool).await.unwrap();
+
+    assert_eq!((balance(&pool, m.card(0)).await, balance(&pool, m.card(1)).await), (dec(700), dec(300)));
+    let expiry: chrono::NaiveDate = sqlx::query_scalar("SELECT expires_on FROM cards WHERE card_no = $1")
+        .bind(m.card(0))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(expiry.to_string(), "2098-01-01", "attributes other than money are updated");
+    let out = audit(&sys);
+    assert!(out.status.success(), "audit failed:\n{}", String::from_utf8_lossy(&out.stdout));
+}

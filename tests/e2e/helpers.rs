@@ -31,6 +31,9 @@ pub const CRYPTO_KEY: [u8; 32] = [42u8; 32];
 /// A second ASP of the same affiliate that requires encrypted bodies.
 pub const ASP_ID_2: &str = "E2EASP000000002";
 pub const ACCESS_KEY_2: &str = "E2EACCESSKEY0000000000000000000000000002";
+/// A third ASP of the same affiliate, plain bodies, for "an ASP sees only its own requests".
+pub const ASP_ID_3: &str = "E2EASP000000003";
+pub const ACCESS_KEY_3: &str = "E2EACCESSKEY0000000000000000000000000003";
 pub const DISABLED_KEY: &str = "E2EACCESSKEY00000000000000000000DISABLED";
 pub const EXPIRED_KEY: &str = "E2EACCESSKEY000000000000000000000EXPIRED";
 pub const AFFILIATE: &str = "AFE2E0000001";
@@ -71,6 +74,9 @@ fn base_fixture() -> Value {
         }, {
             "aspId": ASP_ID_2, "affiliateId": AFFILIATE, "requireEncryption": true,
             "accessKeys": [{"accessKey": ACCESS_KEY_2, "signingSecret": SIGNING_SECRET}]
+        }, {
+            "aspId": ASP_ID_3, "affiliateId": AFFILIATE,
+            "accessKeys": [{"accessKey": ACCESS_KEY_3, "signingSecret": SIGNING_SECRET}]
         }],
         "products": [
             {"productId": "PREPAID", "ownerAffiliateId": AFFILIATE, "kind": "PREPAID", "collectionAllowed": true, "maxBalance": 1000000, "minUsageRate": null},

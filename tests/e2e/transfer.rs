@@ -186,3 +186,32 @@ async fn a_batch_applies_its_commands_in_offset_order() {
     let seqs: Vec<i64> = entries(&pool, m.card(1)).await.iter().map(|e| e.3).collect();
     assert_eq!(seqs, vec![1, 2]);
 }
+
+#[tokio::test]
+async fn a_reply_the_broker_refuses_for_good_is_parked_and_later_messages_still_flow() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    // The results topic has 4 partitions: a reply to partition 99 can never be sent.
+    let lost = command(&m, 0, 1, Some(100), 99, sys);
+    let later = command(&m, 0, 1, Some(200), 3, sys);
+    for c in [&lost, &later] {
+        produce(&sys.bus, &sys.bus.topics.commands, m.card(0), &serde_json::to_vec(c).unwrap(), None).await;
+    }
+
+    let results = results_for(sys, 3, &[later.correlation_id.to_string()], 1).await;
+    assert_eq!(results[0]["code"], "000_000", "the later reply was not held up");
+    let reason: String = eventually(Duration::from_secs(30), "the parked row", || async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT parked_reason FROM outbox WHERE message_key = $1 AND partition = 99",
+        )
+        .bind(lost.correlation_id.as_str())
+        .fetch_optional(&pool)
+        .await
+        .unwrap()
+        .flatten()
+    })
+    .await;
+    assert!(!reason.is_empty());
+    assert_eq!(balance(&pool, m.card(0)).await, dec(700), "both transfers were applied");
+}

@@ -55,6 +55,13 @@ impl Money {
         Ok(Money(Decimal::from(v)))
     }
 
+    /// Whether a request may name this amount: whole and at most
+    /// `MAX_REQUEST_AMOUNT`. The gateway parses only such amounts; the worker checks
+    /// again because anyone who can write to the commands topic bypasses the gateway.
+    pub fn is_request_amount(self) -> bool {
+        self.0.fract().is_zero() && self.0 <= Decimal::from(Self::MAX_REQUEST_AMOUNT)
+    }
+
     pub fn get(self) -> Decimal {
         self.0
     }
@@ -108,6 +115,16 @@ impl fmt::Display for Money {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn only_whole_amounts_up_to_the_maximum_are_request_amounts() {
+        let m = |s: &str| Money::new(s.parse().unwrap()).unwrap();
+        assert!(m("0").is_request_amount());
+        assert!(m("999999999999").is_request_amount());
+        assert!(m("100.000").is_request_amount(), "trailing zeros are still whole");
+        assert!(!m("1000000000000").is_request_amount());
+        assert!(!m("0.5").is_request_amount());
+    }
 
     #[test]
     fn request_amount_accepts_zero_and_the_maximum() {

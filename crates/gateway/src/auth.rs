@@ -194,7 +194,14 @@ impl Authenticator {
             _ => return Err(fail(ResultCode::RequestTimeOutOfWindow, "tran time outside the window", h)),
         }
         let crypto = match &h.crypto_key_id {
-            None if record.require_encryption => return Err(ApiError::missing(CRYPTO_KEY_ID)),
+            None if record.require_encryption => {
+                tracing::warn!(correlation_id = %h.correlation_id, asp_id = %h.asp_id, "request refused: the ASP requires encryption");
+                cardflow_telemetry::Metrics::global()
+                    .auth_failures
+                    .with_label_values(&[ResultCode::MissingRequiredValue.code()])
+                    .inc();
+                return Err(ApiError::missing(CRYPTO_KEY_ID));
+            }
             None => None,
             Some(id) => match self.crypto_key(id.as_str()).await? {
                 Some(k) if k.asp_id == h.asp_id.as_str() && k.active => Some((id.clone(), k.key)),

@@ -203,6 +203,15 @@ async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiErr
     axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::new(ResultCode::PayloadTooLarge))
 }
 
+/// Whether a request carries a body to open. A status query signs an empty body
+/// and has nothing to decrypt, but its answer is still encrypted for a caller
+/// that names a data key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RequestBody {
+    Sealed,
+    Empty,
+}
+
 /// Authenticates a request and opens its body.
 async fn admit(
     app: &App,
@@ -210,11 +219,13 @@ async fn admit(
     uri: &Uri,
     headers: &HeaderMap,
     raw: &[u8],
+    body: RequestBody,
 ) -> Result<(Caller, Vec<u8>), (ApiError, Option<Caller>)> {
     let parsed = parse_headers(headers).map_err(|e| (e, None))?;
     let caller = app.auth.authenticate(method.as_str(), uri.path(), &parsed, raw).await.map_err(|e| (e, None))?;
     let plain = match &caller.crypto {
         None => raw.to_vec(),
+        Some(_) if body == RequestBody::Empty => Vec::new(),
         Some((_, key)) => match crypto::open_envelope(key, raw) {
             Ok(p) => p,
             Err(_) => {
@@ -254,7 +265,7 @@ async fn transfer(
     started: Instant,
 ) -> Result<(Answer, Caller), (ApiError, Option<Caller>)> {
     let raw = read_body(body, app.config.max_body_bytes).await.map_err(|e| (e, None))?;
-    let (caller, plain) = admit(app, method, uri, headers, &raw).await?;
+    let (caller, plain) = admit(app, method, uri, headers, &raw, RequestBody::Sealed).await?;
     let fail = |e: ApiError| (e, Some(caller.clone()));
     within_rate(app, &caller).map_err(fail)?;
     let request = TransferRequest::from_json_bytes(&plain).map_err(|e| fail(e.into()))?;
@@ -386,7 +397,7 @@ async fn status(
     body: Body,
 ) -> Result<(Answer, Caller), (ApiError, Option<Caller>)> {
     let raw = read_body(body, app.config.max_body_bytes).await.map_err(|e| (e, None))?;
-    let (caller, _) = admit(app, method, uri, headers, &raw).await?;
+    let (caller, _) = admit(app, method, uri, headers, &raw, RequestBody::Empty).await?;
     let fail = |e: ApiError| (e, Some(caller.clone()));
     within_rate(app, &caller).map_err(fail)?;
     let target = cardflow_domain::CorrelationId::parse(target).map_err(|_| fail(ApiError::invalid("correlationId")))?;

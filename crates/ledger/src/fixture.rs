@@ -1,8 +1,11 @@
 //! Loading reference data and cards from a JSON fixture (`cardflow seed`). The
 //! shape is a contract: tests, examples and outside tools write it.
 //!
-//! Seeding is an upsert. A card's seeded balance becomes its opening balance less
-//! what its ledger entries already moved, so the audit keeps holding after a re-seed.
+//! Seeding is an upsert. Once the ledger has moved a card's money, the ledger is
+//! the truth about it: a re-seed (every `make run` re-seeds the demo data) updates
+//! the card's status, product, expiry and limit but keeps its balance, opening
+//! balance and total loaded, so no money is created or destroyed and the audit
+//! keeps holding.
 
 use crate::credentials::hash_access_key;
 use crate::LedgerError;
@@ -207,16 +210,16 @@ impl Fixture {
             .await?;
         }
         for c in &self.cards {
-            sqlx::query(
+            let kept_ledger_balance: bool = sqlx::query_scalar(
                 "INSERT INTO cards (card_no, user_id, product_id, status, balance, opening_balance, total_loaded, expires_on, max_balance)
                  VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
                  ON CONFLICT (card_no) DO UPDATE SET user_id = EXCLUDED.user_id, product_id = EXCLUDED.product_id,
-                     status = EXCLUDED.status, balance = EXCLUDED.balance, total_loaded = EXCLUDED.total_loaded,
-                     expires_on = EXCLUDED.expires_on, max_balance = EXCLUDED.max_balance,
-                     opening_balance = EXCLUDED.balance - COALESCE((
-                         SELECT sum(CASE side WHEN 'CREDIT' THEN amount ELSE -amount END)
-                         FROM ledger_entries e WHERE e.card_no = EXCLUDED.card_no), 0),
-                     updated_at = now()",
+                     status = EXCLUDED.status, expires_on = EXCLUDED.expires_on, max_balance = EXCLUDED.max_balance,
+                     balance = CASE WHEN cards.sequence = 0 THEN EXCLUDED.balance ELSE cards.balance END,
+                     opening_balance = CASE WHEN cards.sequence = 0 THEN EXCLUDED.balance ELSE cards.opening_balance END,
+                     total_loaded = CASE WHEN cards.sequence = 0 THEN EXCLUDED.total_loaded ELSE cards.total_loaded END,
+                     updated_at = now()
+                 RETURNING sequence > 0",
             )
             .bind(c.card_no.as_str())
             .bind(Decimal::from(c.user_id.get()))
@@ -226,8 +229,14 @@ impl Fixture {
             .bind(c.total_loaded)
             .bind(c.expires_on)
             .bind(c.max_balance)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            if kept_ledger_balance {
+                tracing::warn!(
+                    card_no = c.card_no.as_str(),
+                    "the card has ledger entries: its balance stays as the ledger left it, not as the fixture says"
+                );
+            }
         }
         tx.commit().await?;
         Ok(())

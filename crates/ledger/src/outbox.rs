@@ -84,6 +84,22 @@ pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), LedgerErro
     Ok(())
 }
 
+/// Sets rows aside that the broker refused for good, with the reason. They count as
+/// handled, so the rows behind them go out, and are kept by the purge.
+pub async fn park(pool: &PgPool, parked: &[(i64, String)]) -> Result<(), LedgerError> {
+    let ids: Vec<i64> = parked.iter().map(|(id, _)| *id).collect();
+    let reasons: Vec<&str> = parked.iter().map(|(_, r)| r.as_str()).collect();
+    sqlx::query(
+        "UPDATE outbox SET published_at = now(), parked_reason = p.reason
+         FROM unnest($1::bigint[], $2::text[]) AS p(id, reason) WHERE outbox.id = p.id",
+    )
+    .bind(&ids)
+    .bind(&reasons)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// How many rows wait and how old the oldest is, for the backlog metrics.
 pub async fn backlog(pool: &PgPool) -> Result<(i64, f64), LedgerError> {
     let row = sqlx::query(
@@ -98,9 +114,11 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64), LedgerError> {
 /// Deletes rows published longer ago than `older_than_secs`; the ledger, not the
 /// outbox, is the record (replay reads the ledger).
 pub async fn purge_published(pool: &PgPool, older_than_secs: i64) -> Result<u64, LedgerError> {
-    let r = sqlx::query("DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)")
-        .bind(older_than_secs as f64)
-        .execute(pool)
-        .await?;
+    let r = sqlx::query(
+        "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1) AND parked_reason IS NULL",
+    )
+    .bind(older_than_secs as f64)
+    .execute(pool)
+    .await?;
     Ok(r.rows_affected())
 }

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub outbox_backlog: IntGauge,
     pub outbox_oldest_age: Gauge,
     pub relay_published: IntCounterVec,
+    pub relay_parked: IntCounterVec,
     pub relay_publish_duration: Histogram,
     pub relay_active: IntGauge,
     pub audit_violations: IntGauge,
@@ -178,6 +179,17 @@ impl Metrics {
                 &r,
                 IntCounterVec::new(
                     Opts::new("cardflow_relay_published_total", "Outbox rows published, by topic"),
+                    &["topic"],
+                )
+                .unwrap(),
+            ),
+            relay_parked: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cardflow_relay_parked_total",
+                        "Outbox rows the broker refused for good and the relay set aside, by topic",
+                    ),
                     &["topic"],
                 )
                 .unwrap(),

@@ -41,6 +41,9 @@ enum Polled {
 fn decode(msg: OwnedMessage) -> Polled {
     let payload = msg.payload().unwrap_or_default();
     match serde_json::from_slice::<TransferCommand>(payload) {
+        Ok(cmd) if cmd.request.amount.is_some_and(|a| !a.is_request_amount()) => {
+            Polled::Poison { message: msg, reason: "amount is not a whole number in 0..999999999999".to_string() }
+        }
         Ok(cmd) if cmd.schema_version == SCHEMA_VERSION => {
             let traceparent = msg.headers().and_then(|hs| {
                 hs.iter()

@@ -6,6 +6,7 @@
 //! id and sequence) but never loses or reorders a key's messages.
 
 use crate::WorkerError;
+use cardflow_bus::rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use cardflow_bus::rdkafka::message::{Header, OwnedHeaders};
 use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
 use cardflow_bus::rdkafka::util::Timeout;
@@ -45,10 +46,36 @@ fn record_headers(row: &OutboxRow) -> OwnedHeaders {
     headers
 }
 
+/// Whether the broker will refuse this message however often it is sent: retrying
+/// such a row would stop every row behind it.
+fn refused_for_good(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownPartition
+                | RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
+
+/// What one round of publishing achieved.
+#[derive(Default)]
+struct Published {
+    /// Acknowledged by the broker.
+    done: Vec<i64>,
+    /// Refused for good, with the reason.
+    parked: Vec<(i64, String)>,
+    /// A transient failure stopped the round; the rest is retried.
+    stopped: bool,
+}
+
 /// Publishes rows concurrently (the idempotent producer keeps per-partition order)
-/// and returns the ids of the longest prefix that the broker acknowledged. Rows
-/// after a failure are retried next round: a duplicate is better than a reorder.
-async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Vec<i64> {
+/// and keeps the longest prefix that the broker acknowledged or refused for good.
+/// Rows after a transient failure are retried next round: a duplicate is better
+/// than a reorder.
+async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
     let sends = rows.iter().map(|row| {
         let mut record = FutureRecord::to(&row.topic).key(&row.key).payload(&row.payload).headers(record_headers(row));
         if let Some(p) = row.partition {
@@ -58,20 +85,26 @@ async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Vec<i64> {
     });
     let results = futures::future::join_all(sends).await;
     let metrics = Metrics::global();
-    let mut done = Vec::with_capacity(rows.len());
+    let mut out = Published { done: Vec::with_capacity(rows.len()), ..Published::default() };
     for (row, result) in rows.iter().zip(results) {
         match result {
             Ok(_) => {
                 metrics.relay_published.with_label_values(&[&row.topic]).inc();
-                done.push(row.id);
+                out.done.push(row.id);
+            }
+            Err((e, _)) if refused_for_good(&e) => {
+                tracing::error!(error = %e, id = row.id, topic = row.topic, key = row.key, "the broker refuses this outbox row for good; parked");
+                metrics.relay_parked.with_label_values(&[&row.topic]).inc();
+                out.parked.push((row.id, e.to_string()));
             }
             Err((e, _)) => {
                 tracing::warn!(error = %e, id = row.id, topic = row.topic, "publish failed; will retry");
+                out.stopped = true;
                 break;
             }
         }
     }
-    done
+    out
 }
 
 pub async fn run_relay(
@@ -162,18 +195,24 @@ pub async fn run_relay(
             };
             if !rows.is_empty() {
                 let started = Instant::now();
-                let done = publish(&producer, &rows).await;
+                let published = publish(&producer, &rows).await;
                 metrics.relay_publish_duration.observe(started.elapsed().as_secs_f64());
-                if !done.is_empty() {
-                    while let Err(e) = outbox::mark_published(&pool, &done).await {
+                if !published.done.is_empty() {
+                    while let Err(e) = outbox::mark_published(&pool, &published.done).await {
                         tracing::warn!(error = %e, "marking published failed; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-                if done.len() == rows.len() && rows.len() as i64 == config.batch {
+                if !published.parked.is_empty() {
+                    while let Err(e) = outbox::park(&pool, &published.parked).await {
+                        tracing::warn!(error = %e, "parking outbox rows failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                if !published.stopped && rows.len() as i64 == config.batch {
                     continue; // more waiting
                 }
-                if done.len() < rows.len() {
+                if published.stopped {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
