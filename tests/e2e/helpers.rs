@@ -110,11 +110,20 @@ pub struct Roles {
     pub reply_deadline_ms: u64,
     /// Extra environment for the gateway, e.g. a short key cache.
     pub gateway_env: Vec<(&'static str, String)>,
+    /// Extra environment for every role, e.g. where to export traces.
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for Roles {
     fn default() -> Self {
-        Roles { gateway: true, workers: 1, relay: true, reply_deadline_ms: 10_000, gateway_env: Vec::new() }
+        Roles {
+            gateway: true,
+            workers: 1,
+            relay: true,
+            reply_deadline_ms: 10_000,
+            gateway_env: Vec::new(),
+            env: Vec::new(),
+        }
     }
 }
 
@@ -180,13 +189,14 @@ impl System {
         if roles.gateway {
             let mut env = vec![("REPLY_DEADLINE_MS", roles.reply_deadline_ms.to_string())];
             env.extend(roles.gateway_env.iter().cloned());
+            env.extend(roles.env.iter().cloned());
             self.spawn("gateway", &env);
         }
         for _ in 0..roles.workers {
-            self.spawn("worker", &[]);
+            self.spawn("worker", &roles.env);
         }
         if roles.relay {
-            self.spawn("relay", &[]);
+            self.spawn("relay", &roles.env);
         }
         if roles.gateway {
             self.wait_ready();

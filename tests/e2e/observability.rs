@@ -107,3 +107,90 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
     assert_eq!(figures["audit_passed"], true);
     assert_eq!(figures["conserved"], true);
 }
+
+/// A minimal OTLP/HTTP trace receiver: every span POSTed to `/v1/traces`, as
+/// (service name, span name, trace id, span id, parent span id).
+type ReceivedSpan = (String, String, Vec<u8>, Vec<u8>, Vec<u8>);
+
+async fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ReceivedSpan>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = spans.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf trace export");
+                let mut out = sink.lock().unwrap();
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| r.attributes.iter())
+                        .find(|kv| kv.key == "service.name")
+                        .and_then(|kv| kv.value.as_ref())
+                        .map(|v| format!("{:?}", v.value))
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for s in ss.spans {
+                            out.push((service.clone(), s.name, s.trace_id, s.span_id, s.parent_span_id));
+                        }
+                    }
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, spans)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_follows_a_transfer_from_the_gateway_through_worker_and_relay_back() {
+    let (port, spans) = otlp_receiver().await;
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ];
+    let sys = System::start(Roles { env, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let req = sign_post(&m.body(0, 1, Some(10)), None, false);
+    let reply = sys.send(&req, &[("traceparent", &format!("00-{caller_trace}-00f067aa0ba902b7-01"))]).await;
+    assert_eq!(reply.code(), "000_000");
+
+    let http = "POST /api/v1/transfer/balance";
+    let wanted = [http, "transfer.commands publish", "transfer.apply", "transfer.results receive"];
+    let trace = hex_decode(caller_trace);
+    let in_trace = eventually(Duration::from_secs(30), "the transfer's spans from every role", || async {
+        let got = spans.lock().unwrap().clone();
+        let mine: Vec<ReceivedSpan> = got.into_iter().filter(|s| s.2 == trace).collect();
+        let relayed = mine.iter().any(|s| s.1.ends_with("transfer.results publish"));
+        (relayed && wanted.iter().all(|w| mine.iter().any(|s| s.1 == *w))).then_some(mine)
+    })
+    .await;
+    let service_of = |name: &str| in_trace.iter().find(|s| s.1 == name).unwrap().0.clone();
+    assert!(service_of(http).contains("cardflow-gateway"));
+    assert!(service_of("transfer.apply").contains("cardflow-worker"));
+    let relay_publish = in_trace.iter().find(|s| s.1.ends_with("transfer.results publish")).unwrap();
+    assert!(relay_publish.0.contains("cardflow-relay"));
+    // Each hop is the child of the one before it.
+    let id_of = |name: &str| in_trace.iter().find(|s| s.1 == name).unwrap().3.clone();
+    let parent_of = |name: &str| in_trace.iter().find(|s| s.1 == name).unwrap().4.clone();
+    assert_eq!(parent_of(http), hex_decode("00f067aa0ba902b7"), "continues the caller's trace");
+    assert_eq!(parent_of("transfer.commands publish"), id_of(http));
+    assert_eq!(parent_of("transfer.apply"), id_of("transfer.commands publish"));
+    assert_eq!(relay_publish.4, id_of("transfer.apply"), "the relay publishes as a child of the apply");
+    assert_eq!(parent_of("transfer.results receive"), relay_publish.3, "the reply closes the loop at the gateway");
+    let batch_statements = spans.lock().unwrap().iter().filter(|s| s.1 == "lock cards" || s.1 == "commit").count();
+    assert!(batch_statements >= 2, "the batch's database statements are spans");
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}

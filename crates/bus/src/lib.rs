@@ -175,9 +175,28 @@ impl BusConfig {
         }
         Ok(())
     }
+}
 
-    /// Whether the cluster answers a metadata request, for readiness probes.
-    pub fn reachable(&self, consumer: &impl Consumer) -> bool {
-        consumer.fetch_metadata(Some(&self.topics.commands), Duration::from_secs(2)).is_ok()
+/// Answers readiness probes: whether the cluster answers a metadata request. One
+/// client made at start serves every probe (a client per probe would cost threads
+/// and connections on every call).
+#[derive(Clone)]
+pub struct BrokerProbe {
+    client: std::sync::Arc<BaseConsumer>,
+    topic: String,
+}
+
+impl BrokerProbe {
+    pub fn new(bus: &BusConfig) -> Result<Self, BusError> {
+        Ok(BrokerProbe { client: std::sync::Arc::new(bus.assigned_consumer()?), topic: bus.topics.commands.clone() })
+    }
+
+    pub async fn reachable(&self) -> bool {
+        let probe = self.clone();
+        tokio::task::spawn_blocking(move || {
+            probe.client.fetch_metadata(Some(&probe.topic), Duration::from_secs(2)).is_ok()
+        })
+        .await
+        .unwrap_or(false)
     }
 }

@@ -15,9 +15,18 @@ pub async fn replay(pool: &sqlx::PgPool, bus: &BusConfig, card_no: &str, from_se
     cardflow_domain::CardNo::parse(card_no).context("--card is a 16-digit card number")?;
     let events = cardflow_ledger::events::balance_events(pool, card_no, from_sequence).await?;
     let producer: FutureProducer = bus.producer(5)?;
+    // A replay is an operation of its own: its events carry its trace context, not
+    // the original transfers' (those traces ended long ago).
+    let span = tracing::info_span!("replay", otel.kind = "producer", card_no);
+    let traceparent = cardflow_telemetry::traceparent_of(&span).unwrap_or_else(h::new_traceparent);
     for event in &events {
         let payload = serde_json::to_string(event)?;
-        let headers = h::build([(h::CONTENT_TYPE, "application/json"), (h::SCHEMA_VERSION, "1"), ("replayed", "true")]);
+        let headers = h::build([
+            (h::TRACEPARENT, traceparent.as_str()),
+            (h::CONTENT_TYPE, "application/json"),
+            (h::SCHEMA_VERSION, "1"),
+            ("replayed", "true"),
+        ]);
         let record = FutureRecord::to(&bus.topics.card_balance).key(card_no).payload(&payload).headers(headers);
         producer.send(record, Timeout::After(Duration::from_secs(10))).await.map_err(|(e, _)| e)?;
     }

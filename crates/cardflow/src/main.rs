@@ -127,6 +127,26 @@ enum Command {
     },
 }
 
+impl Command {
+    /// The role's name, for logs and the traces' service name.
+    fn role(&self) -> &'static str {
+        match self {
+            Command::Gateway { .. } => "gateway",
+            Command::Worker { .. } => "worker",
+            Command::Relay { .. } => "relay",
+            Command::All { .. } => "all",
+            Command::Migrate { .. } => "migrate",
+            Command::Topics { .. } => "topics",
+            Command::Seed { .. } => "seed",
+            Command::Audit { .. } => "audit",
+            Command::Sign(_) => "sign",
+            Command::Replay { .. } => "replay",
+            Command::Bench { .. } => "bench",
+            Command::Tail { .. } => "tail",
+        }
+    }
+}
+
 fn shutdown_token() -> CancellationToken {
     let token = CancellationToken::new();
     // A supervisor (the test harness, a process manager) can tie our life to a pipe:
@@ -198,19 +218,24 @@ fn worker_lines(w: &WorkerArgs) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `/metrics`, `/healthz` and `/readyz` (database and broker) of a worker or relay.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
     shutdown: CancellationToken,
     pool: sqlx::PgPool,
+    bus: cardflow_bus::BusConfig,
 ) -> anyhow::Result<()> {
+    let broker = cardflow_bus::BrokerProbe::new(&bus)?;
     let router = cardflow_telemetry::router(move || {
-        let pool = pool.clone();
+        let (pool, broker) = (pool.clone(), broker.clone());
         async move {
-            if cardflow_ledger::ping(&pool).await {
-                Ok(())
-            } else {
-                Err("database unreachable".to_string())
+            if !cardflow_ledger::ping(&pool).await {
+                return Err("database unreachable".to_string());
             }
+            if !broker.reachable().await {
+                return Err("broker unreachable".to_string());
+            }
+            Ok(())
         }
     });
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -294,7 +319,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bus = kafka.bus();
             bus.ensure_topics().await?;
             let pool = cardflow_ledger::connect(&db.database_url, worker.worker_db_pool).await?;
-            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone()));
+            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone(), bus.clone()));
             cardflow_worker::run_worker(worker.config(), pool, bus, shutdown).await?;
         }
         Command::Relay { db, kafka, relay, metrics } => {
@@ -306,7 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bus = kafka.bus();
             bus.ensure_topics().await?;
             let pool = cardflow_ledger::connect(&db.database_url, 4).await?;
-            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone()));
+            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone(), bus.clone()));
             cardflow_worker::run_relay(relay.config(), pool, bus, shutdown).await?;
         }
         Command::All { db, kafka, gateway, worker, relay } => {
@@ -357,7 +382,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    cardflow_telemetry::init_logging(cli.log_format == "json");
+    let _telemetry = cardflow_telemetry::init(cli.log_format == "json", &format!("cardflow-{}", cli.command.role()));
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {

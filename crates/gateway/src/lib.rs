@@ -34,6 +34,7 @@ use sqlx::PgPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 pub const TRANSFER_PATH: &str = "/api/v1/transfer/balance";
 
@@ -64,6 +65,7 @@ pub struct App {
     pub producer: FutureProducer,
     pub replies: Arc<ReplyRouter>,
     pub auth: Authenticator,
+    broker: cardflow_bus::BrokerProbe,
     limiter: Option<AspLimiter>,
 }
 
@@ -81,7 +83,8 @@ pub async fn build(config: GatewayConfig, pool: PgPool, bus: BusConfig) -> Resul
     });
     let auth = Authenticator::new(pool.clone(), config.key_cache_ttl, config.time_window_secs);
     let limiter = config.rate_limit_per_asp.map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate)));
-    Ok(Arc::new(App { config, pool, bus, producer, replies, auth, limiter }))
+    let broker = cardflow_bus::BrokerProbe::new(&bus)?;
+    Ok(Arc::new(App { config, pool, bus, producer, replies, auth, broker, limiter }))
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -98,6 +101,9 @@ pub fn router(app: Arc<App>) -> Router {
                 }
                 if !app.replies.is_ready() {
                     return Err("reply consumer not assigned".to_string());
+                }
+                if !app.broker.reachable().await {
+                    return Err("broker unreachable".to_string());
                 }
                 Ok(())
             }
@@ -185,6 +191,35 @@ fn record(route: &str, answer: &Answer, started: Instant) {
     m.http_duration.with_label_values(&[route]).observe(started.elapsed().as_secs_f64());
 }
 
+/// The span of one HTTP request: the root of the transfer's trace, or a child of
+/// the caller's `traceparent`. Every log line inside it carries its fields.
+fn request_span(method: &str, route: &str, headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = method,
+        http.route = route,
+        correlation_id = tracing::field::Empty,
+        asp_id = tracing::field::Empty,
+        transfer_id = tracing::field::Empty,
+        code = tracing::field::Empty,
+    );
+    cardflow_telemetry::continue_trace(&span, incoming_traceparent(headers));
+    span
+}
+
+fn incoming_traceparent(headers: &HeaderMap) -> Option<&str> {
+    headers.get(h::TRACEPARENT).and_then(|v| v.to_str().ok()).filter(|tp| h::valid_traceparent(tp))
+}
+
+/// Names the authenticated caller on the request span.
+fn name_caller(caller: &Caller) {
+    let span = tracing::Span::current();
+    span.record("correlation_id", caller.correlation_id.as_str());
+    span.record("asp_id", caller.asp_id.as_str());
+}
+
 /// The correlation id to echo: the header as sent, when it is printable and short.
 fn echo_correlation_id(headers: &HeaderMap) -> Option<String> {
     headers.get(CORRELATION_ID).and_then(|v| v.to_str().ok()).filter(|s| s.len() <= 64).map(str::to_string)
@@ -248,10 +283,12 @@ async fn post_transfer(
 ) -> Response {
     let started = Instant::now();
     let echo = echo_correlation_id(&headers);
-    let (answer, caller) = match transfer(&app, &method, &uri, &headers, body, started).await {
+    let span = request_span("POST", TRANSFER_PATH, &headers);
+    let (answer, caller) = match transfer(&app, &method, &uri, &headers, body, started).instrument(span.clone()).await {
         Ok((answer, caller)) => (answer, Some(caller)),
         Err((e, caller)) => (Answer::of_error(&e), caller),
     };
+    span.record("code", answer.code.code());
     record("transfer", &answer, started);
     answer.into_response(echo.as_deref(), caller.as_ref())
 }
@@ -266,13 +303,12 @@ async fn transfer(
 ) -> Result<(Answer, Caller), (ApiError, Option<Caller>)> {
     let raw = read_body(body, app.config.max_body_bytes).await.map_err(|e| (e, None))?;
     let (caller, plain) = admit(app, method, uri, headers, &raw, RequestBody::Sealed).await?;
+    name_caller(&caller);
     let fail = |e: ApiError| (e, Some(caller.clone()));
     within_rate(app, &caller).map_err(fail)?;
     let request = TransferRequest::from_json_bytes(&plain).map_err(|e| fail(e.into()))?;
     let fingerprint = request.fingerprint();
     let (asp, corr) = (caller.asp_id.as_str(), caller.correlation_id.as_str());
-    let span = tracing::info_span!("transfer", correlation_id = corr, asp_id = asp);
-    let _enter = span.enter();
 
     match transfers::lookup(&app.pool, asp, corr, &fingerprint).await.map_err(|e| fail(e.into()))? {
         Submission::Conflict => return Err(fail(ApiError::new(ResultCode::CorrelationIdReused))),
@@ -285,12 +321,11 @@ async fn transfer(
         Submission::New | Submission::InFlight => {}
     }
 
-    let traceparent = headers
-        .get(h::TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .filter(|tp| h::valid_traceparent(tp))
-        .map(str::to_string)
-        .unwrap_or_else(h::new_traceparent);
+    let publish_span = tracing::info_span!("transfer.commands publish", otel.kind = "producer");
+    // Exported traces continue from the produce span; otherwise the context the
+    // request arrived with travels on unchanged.
+    let traceparent = cardflow_telemetry::traceparent_of(&publish_span)
+        .unwrap_or_else(|| incoming_traceparent(headers).map(str::to_string).unwrap_or_else(h::new_traceparent));
     let command = TransferCommand {
         schema_version: SCHEMA_VERSION,
         asp_id: caller.asp_id.clone(),
@@ -301,7 +336,7 @@ async fn transfer(
         submitted_at: chrono::Utc::now(),
     };
     let reply = app.replies.register(asp, corr);
-    if let Err(e) = publish(app, &command, &traceparent).await {
+    if let Err(e) = publish(app, &command, &traceparent).instrument(publish_span).await {
         app.replies.forget(asp, corr);
         tracing::error!(error = %e, "publishing the command failed");
         return Err(fail(ApiError::unavailable()));
@@ -321,6 +356,9 @@ async fn transfer(
     match tokio::time::timeout(remaining, reply).await {
         Ok(Ok(result)) => {
             Metrics::global().reply_wait.observe(published_at.elapsed().as_secs_f64());
+            if let Some(id) = result.transfer_id {
+                tracing::Span::current().record("transfer_id", tracing::field::display(id));
+            }
             Ok((Answer::of_result(&result), caller))
         }
         _ => {
@@ -380,10 +418,12 @@ async fn get_transfer(
 ) -> Response {
     let started = Instant::now();
     let echo = echo_correlation_id(&headers);
-    let (answer, caller) = match status(&app, &target, &method, &uri, &headers, body).await {
+    let span = request_span("GET", "/api/v1/transfer/balance/{correlationId}", &headers);
+    let (answer, caller) = match status(&app, &target, &method, &uri, &headers, body).instrument(span.clone()).await {
         Ok((answer, caller)) => (answer, Some(caller)),
         Err((e, caller)) => (Answer::of_error(&e), caller),
     };
+    span.record("code", answer.code.code());
     record("transfer_status", &answer, started);
     answer.into_response(echo.as_deref(), caller.as_ref())
 }
@@ -398,6 +438,7 @@ async fn status(
 ) -> Result<(Answer, Caller), (ApiError, Option<Caller>)> {
     let raw = read_body(body, app.config.max_body_bytes).await.map_err(|e| (e, None))?;
     let (caller, _) = admit(app, method, uri, headers, &raw, RequestBody::Empty).await?;
+    name_caller(&caller);
     let fail = |e: ApiError| (e, Some(caller.clone()));
     within_rate(app, &caller).map_err(fail)?;
     let target = cardflow_domain::CorrelationId::parse(target).map_err(|_| fail(ApiError::invalid("correlationId")))?;

@@ -85,6 +85,20 @@ pub async fn run_reply_consumer(bus: BusConfig, partition: i32, router: Arc<Repl
                     continue;
                 };
                 match serde_json::from_slice::<TransferResult>(payload) {
+                    Ok(result) if cardflow_telemetry::exporting() => {
+                        // The last hop of the transfer's trace: the relay's publish is its parent.
+                        let span = tracing::info_span!(
+                            "transfer.results receive",
+                            otel.kind = "consumer",
+                            correlation_id = result.correlation_id.as_str()
+                        );
+                        cardflow_telemetry::continue_trace(
+                            &span,
+                            cardflow_bus::headers::get(msg.headers(), cardflow_bus::headers::TRACEPARENT),
+                        );
+                        let _in_span = span.enter();
+                        router.deliver(result);
+                    }
                     Ok(result) => router.deliver(result),
                     Err(e) => {
                         tracing::warn!(error = %e, offset = msg.offset(), "unreadable reply skipped")

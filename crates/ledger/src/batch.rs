@@ -27,6 +27,7 @@ use rust_decimal::Decimal;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Where the outbox sends what a batch announces. The physical topic names come
@@ -249,6 +250,11 @@ impl Writes {
     }
 }
 
+/// A span for one statement of the batch transaction, a child of the batch span.
+fn db_span(operation: &'static str) -> tracing::Span {
+    tracing::info_span!("db", otel.name = operation, otel.kind = "client", db.system.name = "postgresql")
+}
+
 /// Applies one batch in one transaction. See the module documentation.
 pub async fn apply_batch(
     pool: &PgPool,
@@ -268,9 +274,9 @@ pub async fn apply_batch(
     }
     let mut claims: Vec<(Key, usize, Uuid)> = first.iter().map(|(k, i)| (k.clone(), *i, Uuid::now_v7())).collect();
     claims.sort_by(|a, b| a.0.cmp(&b.0));
-    let claimed = claim(&mut tx, batch, &claims).await?;
+    let claimed = claim(&mut tx, batch, &claims).instrument(db_span("claim transfers")).await?;
     let taken: Vec<Key> = claims.iter().filter(|(_, _, id)| !claimed.contains(id)).map(|(k, _, _)| k.clone()).collect();
-    let stored = crate::transfers::find_many(&mut *tx, &taken).await?;
+    let stored = crate::transfers::find_many(&mut *tx, &taken).instrument(db_span("read repeats")).await?;
     let transfer_ids: HashMap<Key, Uuid> = claims.iter().map(|(k, _, id)| (k.clone(), *id)).collect();
 
     // 2. Lock the cards of the new requests, in card-number order.
@@ -285,11 +291,11 @@ pub async fn apply_batch(
     }
     card_nos.sort();
     card_nos.dedup();
-    let mut cards = lock_cards(&mut tx, &card_nos).await?;
+    let mut cards = lock_cards(&mut tx, &card_nos).instrument(db_span("lock cards")).await?;
     let original_sequences: HashMap<CardNo, i64> = cards.iter().map(|(k, v)| (k.clone(), v.sequence)).collect();
     let asp_ids: Vec<String> =
         claims.iter().map(|((asp, _), _, _)| asp.clone()).collect::<HashSet<_>>().into_iter().collect();
-    let affiliates = caller_affiliates(&mut tx, &asp_ids).await?;
+    let affiliates = caller_affiliates(&mut tx, &asp_ids).instrument(db_span("read affiliates")).await?;
 
     // 3. Decide in offset order. `owners` holds, per key, the fingerprint of the
     //    request that owns it and that request's result; every other occurrence of
@@ -320,11 +326,11 @@ pub async fn apply_batch(
     // 4. Set-based writes.
     let touched: Vec<&CardView> =
         cards.values().filter(|c| original_sequences.get(&c.card_no) != Some(&c.sequence)).collect();
-    write_cards(&mut tx, &touched).await?;
-    write_entries(&mut tx, &writes.entries, now).await?;
-    write_decisions(&mut tx, &writes.decided).await?;
-    crate::outbox::insert(&mut tx, &writes.outbox).await?;
-    tx.commit().await?;
+    write_cards(&mut tx, &touched).instrument(db_span("write cards")).await?;
+    write_entries(&mut tx, &writes.entries, now).instrument(db_span("write ledger entries")).await?;
+    write_decisions(&mut tx, &writes.decided).instrument(db_span("write transfers")).await?;
+    crate::outbox::insert(&mut tx, &writes.outbox).instrument(db_span("write outbox")).await?;
+    tx.commit().instrument(db_span("commit")).await?;
     Ok(report)
 }
 

@@ -1,5 +1,6 @@
 //! What an on-call engineer sees: structured logs (text for people, JSON for
-//! machines) and the Prometheus metrics every role exposes at `/metrics`.
+//! machines), OpenTelemetry traces (`traces`), and the Prometheus metrics every
+//! role exposes at `/metrics`.
 //!
 //! All series are declared here, in one struct, so their names, labels and units
 //! are reviewed together and the dashboard and alert rules have one place to look.
@@ -16,13 +17,53 @@ use prometheus::{
 use std::sync::{Arc, OnceLock};
 use tracing_subscriber::{fmt, EnvFilter};
 
-/// Installs the global `tracing` subscriber. `LOG_FORMAT=json` gives one JSON
-/// object per line; `RUST_LOG` filters (default `info`).
-pub fn init_logging(json: bool) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,tower_http=warn"));
-    let builder = fmt().with_env_filter(filter).with_target(false);
-    let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
+pub mod traces;
+
+pub use traces::{continue_trace, exporting, link, traceparent_of};
+
+/// Keeps trace export running; dropping it flushes the spans not yet sent.
+#[must_use = "dropping the guard stops trace export"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global `tracing` subscriber: logs (`LOG_FORMAT=json` gives one JSON
+/// object per line; `RUST_LOG` filters, default `info`) and, when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export for `service`.
+pub fn init(json: bool, service: &str) -> Telemetry {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter = || {
+        EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,tower_http=warn"))
+    };
+    let logs = if json {
+        fmt::layer().json().flatten_event(true).with_target(false).with_filter(filter()).boxed()
+    } else {
+        fmt::layer().with_target(false).with_filter(filter()).boxed()
+    };
+    let (provider, trouble) = match traces::provider(service) {
+        Ok(p) => (p, None),
+        Err(e) => (None, Some(e)),
+    };
+    // Spans are exported at info and above whatever RUST_LOG says of the logs.
+    let otel = provider.as_ref().map(|p| traces::layer(p).with_filter(tracing_subscriber::filter::LevelFilter::INFO));
+    let _ = tracing_subscriber::registry().with(logs).with(otel).try_init();
+    if let Some(e) = trouble {
+        tracing::warn!(error = %e, "trace export could not start; running without it");
+    } else if provider.is_some() {
+        tracing::info!(service, "exporting traces over OTLP");
+    }
+    Telemetry { provider }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];

@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -172,16 +173,33 @@ pub async fn run_worker(
 
         if !commands.is_empty() {
             let started = Instant::now();
+            let batch_span = tracing::info_span!("worker.batch", otel.kind = "internal", batch_size = commands.len());
+            let apply_spans = trace_commands(&mut commands, &batch_span);
             loop {
                 let today = chrono::Utc::now().with_timezone(&config.platform_tz).date_naive();
-                match apply_resilient(&pool, &commands, &topics, today, config.retry).await {
+                match apply_resilient(&pool, &commands, &topics, today, config.retry)
+                    .instrument(batch_span.clone())
+                    .await
+                {
                     Ok(report) => {
                         metrics.batch_size.observe(commands.len() as f64);
                         metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-                        for r in &report.results {
+                        for (i, r) in report.results.iter().enumerate() {
                             let repeat = if r.repeat { "true" } else { "false" };
                             metrics.commands_applied.with_label_values(&[&r.result.code, repeat]).inc();
-                            tracing::debug!(correlation_id = %r.result.correlation_id, code = r.result.code, repeat = r.repeat, "decided");
+                            let transfer_id = r.result.transfer_id.map(|id| id.to_string()).unwrap_or_default();
+                            if let Some(span) = apply_spans.get(i) {
+                                span.record("transfer_id", transfer_id.as_str());
+                                span.record("code", r.result.code.as_str());
+                            }
+                            tracing::debug!(
+                                correlation_id = %r.result.correlation_id,
+                                asp_id = %r.result.asp_id,
+                                transfer_id,
+                                code = r.result.code,
+                                repeat = r.repeat,
+                                "decided"
+                            );
                         }
                         break;
                     }
@@ -211,6 +229,35 @@ pub async fn run_worker(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// When traces are exported: one span per command, a child of the gateway's
+/// produce span and linked to the batch span it was applied in, whose context
+/// replaces the command's `traceparent` so the outbox rows (and the relay's
+/// publish) continue the transfer's trace. Nothing when traces are off.
+fn trace_commands(commands: &mut [IncomingCommand], batch: &tracing::Span) -> Vec<tracing::Span> {
+    if !cardflow_telemetry::exporting() {
+        return Vec::new();
+    }
+    commands
+        .iter_mut()
+        .map(|c| {
+            let span = tracing::info_span!(
+                "transfer.apply",
+                otel.kind = "consumer",
+                correlation_id = c.command.correlation_id.as_str(),
+                asp_id = c.command.asp_id.as_str(),
+                transfer_id = tracing::field::Empty,
+                code = tracing::field::Empty,
+            );
+            cardflow_telemetry::continue_trace(&span, c.traceparent.as_deref());
+            cardflow_telemetry::link(&span, batch);
+            if let Some(tp) = cardflow_telemetry::traceparent_of(&span) {
+                c.traceparent = Some(tp);
+            }
+            span
+        })
+        .collect()
 }
 
 async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {

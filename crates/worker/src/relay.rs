@@ -34,11 +34,16 @@ pub struct RelayConfig {
     pub audit_interval: Duration,
 }
 
-fn record_headers(row: &OutboxRow) -> OwnedHeaders {
+/// The row's headers; `traceparent`, when given, replaces the stored one.
+fn record_headers(row: &OutboxRow, traceparent: Option<&str>) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
     if let Some(obj) = row.headers.as_object() {
         for (k, v) in obj {
-            if let Some(s) = v.as_str() {
+            let value = match (k.as_str(), traceparent) {
+                ("traceparent", Some(tp)) => Some(tp),
+                _ => v.as_str(),
+            };
+            if let Some(s) = value {
                 headers = headers.insert(Header { key: k, value: Some(s.as_bytes()) });
             }
         }
@@ -76,14 +81,37 @@ struct Published {
 /// Rows after a transient failure are retried next round: a duplicate is better
 /// than a reorder.
 async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
-    let sends = rows.iter().map(|row| {
-        let mut record = FutureRecord::to(&row.topic).key(&row.key).payload(&row.payload).headers(record_headers(row));
+    // When traces are exported, each row's publish is a span in the trace of the
+    // transfer that wrote it, and the message carries that span's context.
+    let spans: Vec<Option<tracing::Span>> = rows
+        .iter()
+        .map(|row| {
+            cardflow_telemetry::exporting().then(|| {
+                let span = tracing::info_span!(
+                    "relay.publish",
+                    otel.name = format!("{} publish", row.topic),
+                    otel.kind = "producer",
+                    messaging.destination.name = row.topic.as_str(),
+                );
+                cardflow_telemetry::continue_trace(&span, row.headers.get("traceparent").and_then(|v| v.as_str()));
+                span
+            })
+        })
+        .collect();
+    let traceparents: Vec<Option<String>> =
+        spans.iter().map(|s| s.as_ref().and_then(cardflow_telemetry::traceparent_of)).collect();
+    let sends = rows.iter().zip(&traceparents).map(|(row, traceparent)| {
+        let mut record = FutureRecord::to(&row.topic)
+            .key(&row.key)
+            .payload(&row.payload)
+            .headers(record_headers(row, traceparent.as_deref()));
         if let Some(p) = row.partition {
             record = record.partition(p);
         }
         producer.send(record, Timeout::After(Duration::from_secs(10)))
     });
     let results = futures::future::join_all(sends).await;
+    drop(spans);
     let metrics = Metrics::global();
     let mut out = Published { done: Vec::with_capacity(rows.len()), ..Published::default() };
     for (row, result) in rows.iter().zip(results) {
