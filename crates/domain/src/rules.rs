@@ -219,6 +219,69 @@ mod tests {
         Decision::Reject { code, field: None }
     }
 
+    /// Every rule of the documented order broken at once; mending the one that
+    /// answered reveals the next, so the answers come out in exactly that order.
+    #[test]
+    fn with_every_rule_broken_the_answers_follow_the_documented_order() {
+        let other_member = UserId::new(2002).unwrap();
+        let mut from = card(A, 0);
+        from.kind = ProductKind::Gift;
+        from.user_id = other_member;
+        from.status = CardStatus::Suspended;
+        from.expires_on = today().pred_opt().unwrap();
+        from.owner_affiliate_exists = false;
+        from.owner_affiliate = AffiliateId("AF0000000999".into());
+        from.collection_allowed = false;
+        from.min_usage_rate = Some(Decimal::new(15, 1)); // above any usage: always too low
+        from.total_loaded = Money::from_units(100);
+        let mut to = card(B, 1_999_990);
+        let mut request = req(Some(500));
+        request.to_card_no = request.from_card_no.clone();
+
+        let mut answers = Vec::new();
+        let mend = |step: usize, from: &mut CardView, to: &mut CardView, request: &mut TransferRequest| match step {
+            0 => request.to_card_no = CardNo::parse(B).unwrap(),
+            1 => from.user_id = request.user_id,
+            2 => from.status = CardStatus::Active,
+            3 => from.expires_on = today(),
+            4 => from.owner_affiliate_exists = true,
+            5 => from.owner_affiliate = af(),
+            6 => from.collection_allowed = true,
+            7 => from.min_usage_rate = None,
+            8 => from.balance = Money::from_units(100),
+            9 => request.amount = Some(Money::from_units(50)),
+            10 => to.balance = Money::ZERO,
+            _ => unreachable!(),
+        };
+        for step in 0..=11 {
+            match decide_with(&request, &from, &to) {
+                Decision::Reject { code, .. } => answers.push(code),
+                Decision::Apply { amount } => {
+                    assert_eq!(amount, Money::from_units(50));
+                    break;
+                }
+            }
+            mend(step, &mut from, &mut to, &mut request);
+        }
+        use ResultCode::*;
+        assert_eq!(
+            answers,
+            vec![
+                SameCard,
+                CardNotFound,
+                GiftCardNotActive,
+                GiftCardExpired,
+                OwnerAffiliateNotFound,
+                AffiliateMismatch,
+                CollectionNotAllowed,
+                UsageRateTooLow,
+                CollectionBalanceZero,
+                InsufficientBalance,
+                BalanceOverMax,
+            ]
+        );
+    }
+
     #[test]
     fn a_transfer_within_balance_and_limit_applies() {
         assert_eq!(
