@@ -112,7 +112,7 @@ impl BusConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", "2")
             .set("fetch.min.bytes", "1")
             .set("partition.assignment.strategy", "range")
             .create_with_context(context)?)
@@ -127,7 +127,7 @@ impl BusConfig {
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
+            .set("fetch.wait.max.ms", "2")
             .set("fetch.min.bytes", "1")
             .create()?)
     }

@@ -64,6 +64,23 @@ pub struct BenchArgs {
     /// Tiny numbers, for a smoke run.
     #[arg(long)]
     quick: bool,
+    /// Offered load (transfers/s) of the sync and async phases, open loop; without
+    /// it they run closed loop (each client sends its next request on an answer).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Phases to run: `all`; `sync` (sync, half rate, hot card, sweep); `async`
+    /// (async end to end, worker drain).
+    #[arg(long, default_value = "all", value_parser = ["all", "sync", "async"])]
+    mode: String,
+    /// Measure sync latency at 10% … 110% of the sync maximum and draw the chart.
+    #[arg(long)]
+    sweep: bool,
+    /// Seconds per sweep step.
+    #[arg(long, default_value_t = 5)]
+    sweep_seconds: u64,
+    /// Where `--sweep` writes its chart (PNG).
+    #[arg(long, default_value = "target/bench/latency-vs-load.png")]
+    chart: std::path::PathBuf,
 }
 
 struct Roles {
@@ -258,12 +275,17 @@ async fn load(
                 let tz = ClientTimeZone::parse("UTC").unwrap();
                 let mut next = Instant::now();
                 while Instant::now() < until {
+                    // A paced request's latency counts from when it was due, not from
+                    // when a client that fell behind got to send it: otherwise a slow
+                    // system would hide its queueing (coordinated omission).
+                    let mut due = None;
                     if let Some(iv) = per_client_interval {
                         let jitter = rand::thread_rng().gen_range(0.5..1.5);
                         next += iv.mul_f64(jitter);
                         if let Some(wait) = next.checked_duration_since(Instant::now()) {
                             tokio::time::sleep(wait).await;
                         }
+                        due = Some(next);
                     }
                     let (m, f, t, amount) = {
                         let mut rng = rand::thread_rng();
@@ -290,7 +312,7 @@ async fn load(
                     if asynchronous {
                         req = req.header("Prefer", "respond-async");
                     }
-                    let sent = Instant::now();
+                    let sent = due.unwrap_or_else(Instant::now);
                     match req.send().await {
                         Ok(resp) => {
                             let text = resp.text().await.unwrap_or_default();
@@ -532,26 +554,60 @@ pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::
     // Warm up connections, the consumer group and the caches.
     load(env.http_port, picker.clone(), 4, Duration::from_secs(2), false, None).await;
 
-    eprintln!("bench: sync, closed loop, {} clients …", a.concurrency);
-    let sync = load(env.http_port, picker.clone(), a.concurrency, d, false, None).await;
-    let half_rate = (sync.tps() / 2.0).max(1.0);
-    eprintln!("bench: sync at half the maximum ({half_rate:.0}/s) …");
-    let sync_half = load(env.http_port, picker.clone(), a.concurrency, d, false, Some(half_rate)).await;
+    let (run_sync, run_async) = (a.mode != "async", a.mode != "sync");
+    let loop_kind = match a.rate {
+        Some(r) => format!("open loop at {r:.0}/s"),
+        None => "closed loop".to_string(),
+    };
+    let (mut sync, mut sync_half, mut asynchronous, mut hot) = Default::default();
+    let (mut half_rate, mut async_tps, mut drain_tps) = (0.0, 0.0, 0.0);
+    let mut sweep = Vec::new();
+    if run_sync {
+        eprintln!("bench: sync, {loop_kind}, {} clients …", a.concurrency);
+        sync = load(env.http_port, picker.clone(), a.concurrency, d, false, a.rate).await;
+        half_rate = (sync.tps() / 2.0).max(1.0);
+        eprintln!("bench: sync at half the maximum ({half_rate:.0}/s) …");
+        sync_half = load(env.http_port, picker.clone(), a.concurrency, d, false, Some(half_rate)).await;
+        if a.sweep {
+            for fraction in [0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1] {
+                let offered = (sync.tps() * fraction).max(1.0);
+                eprintln!("bench: sweep, sync offered {offered:.0}/s …");
+                let step = Duration::from_secs(a.sweep_seconds);
+                let r = load(env.http_port, picker.clone(), a.concurrency * 2, step, false, Some(offered)).await;
+                sweep.push(crate::chart::SweepPoint {
+                    offered_tps: offered,
+                    achieved_tps: r.tps(),
+                    p50_ms: r.pct_ms(0.5),
+                    p90_ms: r.pct_ms(0.9),
+                    p99_ms: r.pct_ms(0.99),
+                    p999_ms: r.pct_ms(0.999),
+                });
+            }
+        }
+        eprintln!("bench: hot card, every transfer touches one card …");
+        hot = load(env.http_port, Picker::HotCard { cards: a.cards_per_member }, a.concurrency, d, false, None).await;
+    }
+    if run_async {
+        eprintln!("bench: async (Prefer: respond-async), {loop_kind} …");
+        let base = decided(&pool).await?;
+        let started = Instant::now();
+        asynchronous = load(env.http_port, picker.clone(), a.concurrency, d, true, a.rate).await;
+        let accepted = *asynchronous.codes.get("000_009").unwrap_or(&0) as i64;
+        let (_, applied_at) = wait_decided(&pool, base, base + accepted, Duration::from_secs(600)).await?;
+        async_tps = accepted as f64 / (applied_at - started).as_secs_f64();
 
-    eprintln!("bench: async (Prefer: respond-async) …");
-    let base = decided(&pool).await?;
-    let started = Instant::now();
-    let asynchronous = load(env.http_port, picker.clone(), a.concurrency, d, true, None).await;
-    let accepted = *asynchronous.codes.get("000_009").unwrap_or(&0) as i64;
-    let (_, applied_at) = wait_decided(&pool, base, base + accepted, Duration::from_secs(600)).await?;
-    let async_tps = accepted as f64 / (applied_at - started).as_secs_f64();
-
-    eprintln!("bench: hot card, every transfer touches one card …");
-    let hot = load(env.http_port, Picker::HotCard { cards: a.cards_per_member }, a.concurrency, d, false, None).await;
-
-    eprintln!("bench: worker drain of {} pre-loaded commands …", a.drain_commands);
-    let drain_tps = drain(&env, &mut roles, &pool, &picker, a.drain_commands).await?;
+        eprintln!("bench: worker drain of {} pre-loaded commands …", a.drain_commands);
+        drain_tps = drain(&env, &mut roles, &pool, &picker, a.drain_commands).await?;
+    }
     drop(roles);
+    let deadlocks: i64 =
+        sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
+            .fetch_one(&pool)
+            .await?;
+    // The hot card is where contention shows: a transport error, a failed apply or
+    // an unavailable answer there is a defect, not a figure.
+    let hot_failures = hot.errors
+        + ["017_002", "000_010", "unreadable"].iter().map(|c| hot.codes.get(*c).copied().unwrap_or(0)).sum::<u64>();
 
     let report = cardflow_ledger::audit::run(&pool).await?;
     let total_after = cardflow_ledger::audit::total_balance(&pool).await?;
@@ -578,6 +634,16 @@ pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::
     figures.insert("workers".into(), json!(a.workers));
     figures.insert("partitions".into(), json!(a.partitions));
     figures.insert("skew".into(), json!(a.skew));
+    figures.insert("mode".into(), json!(a.mode));
+    figures.insert("rate".into(), json!(a.rate));
+    figures.insert("deadlocks".into(), json!(deadlocks));
+    figures.insert("hot_failures".into(), json!(hot_failures));
+    if !sweep.is_empty() {
+        figures.insert("sweep".into(), json!(sweep));
+        let title =
+            format!("cardflow sync latency against offered load ({} clients, {} skew)", a.concurrency * 2, a.skew);
+        crate::chart::draw(&a.chart, &title, &sweep)?;
+    }
 
     println!();
     println!(
@@ -616,6 +682,21 @@ pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::
         hot.codes,
         sync.errors + hot.errors
     );
+    if !sweep.is_empty() {
+        println!();
+        println!(
+            "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9}",
+            "sweep: offered tps", "achieved", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms"
+        );
+        for p in &sweep {
+            println!(
+                "{:<34.0} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1}",
+                p.offered_tps, p.achieved_tps, p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms
+            );
+        }
+        println!("chart: {} (open it in any image viewer)", a.chart.display());
+    }
+    println!("deadlocks: {deadlocks}; hot-card failures: {hot_failures}");
     println!("audit: {}; money conserved: {conserved}", if report.passed() { "passed" } else { "FAILED" });
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&serde_json::Value::Object(figures))?)?;
@@ -626,6 +707,10 @@ pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::
             eprintln!("VIOLATION {v}");
         }
         eprintln!("bench FAILED: the ledger's invariants do not hold");
+        return Ok(std::process::ExitCode::from(1));
+    }
+    if deadlocks > 0 || hot_failures > 0 {
+        eprintln!("bench FAILED: {deadlocks} deadlock(s), {hot_failures} hot-card failure(s)");
         return Ok(std::process::ExitCode::from(1));
     }
     Ok(std::process::ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! `cardflow`: one binary, one subcommand per role or tool.
 
 mod bench;
+mod chart;
 mod config;
 mod events;
 mod sign;
