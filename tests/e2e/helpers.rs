@@ -162,6 +162,7 @@ impl System {
             partitions: 4,
             reply_partitions: 4,
             replication: 1,
+            fetch_wait_ms: cardflow_bus::DEFAULT_FETCH_WAIT_MS,
         };
         {
             let (admin_url, database_url, bus) = (admin_url.clone(), database_url.clone(), bus.clone());

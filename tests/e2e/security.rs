@@ -40,9 +40,12 @@ async fn a_wrong_signing_secret_fails_authentication_and_moves_nothing() {
 #[tokio::test]
 async fn an_unknown_access_key_fails_authentication() {
     let sys = shared();
-    let req = with_header(sign_post(&serde_json::json!({}), None, false), "X-KM-Access-Key", &"X".repeat(40));
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let req = with_header(sign_post(&m.body(0, 1, Some(1)), None, false), "X-KM-Access-Key", &"X".repeat(40));
     let reply = sys.send(&req, &[]).await;
     assert_eq!((reply.status, reply.code()), (401, "000_001"));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
 }
 
 #[tokio::test]
@@ -62,22 +65,29 @@ async fn a_request_signed_for_another_body_fails_authentication() {
 #[tokio::test]
 async fn a_request_signed_for_another_path_fails_authentication() {
     let sys = shared();
-    let mut req = sign_with(&credentials(), "POST", "/api/v1/transfer/other", b"{}", None, false);
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let body = m.body(0, 1, Some(1)).to_string();
+    let mut req = sign_with(&credentials(), "POST", "/api/v1/transfer/other", body.as_bytes(), None, false);
     req.path = "/api/v1/transfer/balance".into();
     let reply = sys.send(&req, &[]).await;
     assert_eq!((reply.status, reply.code()), (401, "000_001"));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
 }
 
 #[tokio::test]
 async fn a_request_time_outside_the_window_is_refused() {
     let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let body = m.body(0, 1, Some(1)).to_string();
     let old = chrono::Utc::now() - chrono::Duration::seconds(301);
     let req = cardflow_gateway::client::sign(
         &credentials(),
         cardflow_gateway::client::SignOptions {
             method: "POST",
             path: "/api/v1/transfer/balance",
-            body: b"{}",
+            body: body.as_bytes(),
             encrypt: false,
             correlation_id: None,
             time_zone: cardflow_domain::ClientTimeZone::parse("UTC").unwrap(),
@@ -89,6 +99,7 @@ async fn a_request_time_outside_the_window_is_refused() {
         (reply.status, reply.code(), reply.message()),
         (401, "000_006", "Request time is out of the allowed window.")
     );
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
 }
 
 #[tokio::test]
@@ -198,6 +209,37 @@ async fn a_data_key_of_another_asp_is_000_007() {
     let sys = shared();
     let creds = key_creds(ASP_ID_2, ACCESS_KEY_2);
     let req = sign_with(&creds, "POST", "/api/v1/transfer/balance", b"{}", None, true);
+    let reply = sys.send(&req, &[]).await;
+    assert_eq!((reply.status, reply.code()), (400, "000_007"));
+}
+
+#[tokio::test]
+async fn a_data_key_that_does_not_exist_is_000_007_and_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let creds =
+        Credentials { crypto_key: Some(("NOSUCHKEY".repeat(4)[..32].to_string(), CRYPTO_KEY)), ..credentials() };
+    let body = m.body(0, 1, Some(1)).to_string();
+    let req = sign_with(&creds, "POST", "/api/v1/transfer/balance", body.as_bytes(), None, true);
+    let reply = sys.send(&req, &[]).await;
+    assert_eq!((reply.status, reply.code(), reply.message()), (400, "000_007", "Decryption failed."));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
+#[tokio::test]
+async fn an_envelope_that_is_not_base64_is_000_007() {
+    let sys = shared();
+    let cid = fresh_correlation_id();
+    let mut req = sign_with(
+        &credentials(),
+        "POST",
+        "/api/v1/transfer/balance",
+        br#"{"encData":"%%%not base64%%%"}"#,
+        Some(cid),
+        false,
+    );
+    req.headers.insert(3, ("X-KM-Crypto-Key-Id".into(), CRYPTO_KEY_ID.into()));
     let reply = sys.send(&req, &[]).await;
     assert_eq!((reply.status, reply.code()), (400, "000_007"));
 }

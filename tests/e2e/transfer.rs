@@ -99,7 +99,7 @@ async fn a_transfer_to_the_same_card_is_refused_and_moves_nothing() {
     assert_eq!(balance(&pool, m.card(0)).await, dec(100));
 }
 
-fn command(
+pub fn command(
     m: &Member,
     from: usize,
     to: usize,

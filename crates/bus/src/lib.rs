@@ -68,7 +68,14 @@ pub struct BusConfig {
     /// Partitions of `transfer.results`: one per gateway instance at most.
     pub reply_partitions: i32,
     pub replication: i32,
+    /// How long the broker may hold a fetch that has no data. Every hop of a
+    /// synchronous transfer waits up to this long on an idle partition, and every
+    /// idle consumer sends 1000/this fetches a second: latency against broker CPU.
+    pub fetch_wait_ms: u32,
 }
+
+/// The default of `KAFKA_FETCH_WAIT_MS`.
+pub const DEFAULT_FETCH_WAIT_MS: u32 = 5;
 
 impl BusConfig {
     fn base(&self) -> ClientConfig {
@@ -112,7 +119,7 @@ impl BusConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("fetch.wait.max.ms", "2")
+            .set("fetch.wait.max.ms", self.fetch_wait_ms.to_string())
             .set("fetch.min.bytes", "1")
             .set("partition.assignment.strategy", "range")
             .create_with_context(context)?)
@@ -127,7 +134,7 @@ impl BusConfig {
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "2")
+            .set("fetch.wait.max.ms", self.fetch_wait_ms.to_string())
             .set("fetch.min.bytes", "1")
             .create()?)
     }

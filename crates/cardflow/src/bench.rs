@@ -214,6 +214,15 @@ impl Picker {
     }
 }
 
+/// A correlation id no other request of this run has. Random ids (7 hex digits a
+/// second) collide by the birthday bound at bench rates, and a collision is a
+/// `000_008` that no transfer row records, which the bench would wait for forever.
+fn unique_correlation_id() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 0x1000_0000;
+    format!("{}-{n:07x}", chrono::Utc::now().format("%y%m%d%H%M%S"))
+}
+
 fn body(member: u64, from: u64, to: u64, amount: u64) -> String {
     format!(
         r#"{{"userId":{},"fromCardNo":"{}","toCardNo":"{}","amount":{amount}}}"#,
@@ -300,7 +309,7 @@ async fn load(
                             path: cardflow_gateway::TRANSFER_PATH,
                             body: raw.as_bytes(),
                             encrypt: false,
-                            correlation_id: None,
+                            correlation_id: Some(unique_correlation_id()),
                             time_zone: tz,
                             now: chrono::Utc::now(),
                         },
@@ -455,10 +464,7 @@ async fn drain(env: &Env, roles: &mut Roles, pool: &PgPool, picker: &Picker, com
         let cmd = TransferCommand {
             schema_version: SCHEMA_VERSION,
             asp_id: AspId::parse(ASP)?,
-            correlation_id: CorrelationId::parse(&client::fresh_correlation_id(
-                chrono::Utc::now(),
-                ClientTimeZone::parse("UTC").unwrap(),
-            ))?,
+            correlation_id: CorrelationId::parse(&unique_correlation_id())?,
             fingerprint: request.fingerprint(),
             request,
             reply_to: ReplyAddress { topic: env.bus.topics.results.clone(), partition: env.bus.reply_partitions - 1 },
@@ -489,7 +495,7 @@ async fn drain(env: &Env, roles: &mut Roles, pool: &PgPool, picker: &Picker, com
     Ok(commands as f64 / (last - first).as_secs_f64().max(0.001))
 }
 
-pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::Result<std::process::ExitCode> {
+pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyhow::Result<std::process::ExitCode> {
     let mut a = args.clone();
     if a.quick {
         a.duration = 2;
@@ -505,11 +511,11 @@ pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::
     let env = Env {
         database_url: replace_db(database_url, &db),
         bus: BusConfig {
-            brokers: brokers.to_string(),
             topics: Topics::with_prefix(&format!("bench-{tag}-")),
             partitions: a.partitions,
             reply_partitions: 4,
             replication: 1,
+            ..kafka.clone()
         },
         http_port: free_port(),
         group: format!("bench-{tag}-worker"),
@@ -635,6 +641,7 @@ pub async fn run(args: BenchArgs, database_url: &str, brokers: &str) -> anyhow::
     figures.insert("partitions".into(), json!(a.partitions));
     figures.insert("skew".into(), json!(a.skew));
     figures.insert("mode".into(), json!(a.mode));
+    figures.insert("fetch_wait_ms".into(), json!(kafka.fetch_wait_ms));
     figures.insert("rate".into(), json!(a.rate));
     figures.insert("deadlocks".into(), json!(deadlocks));
     figures.insert("hot_failures".into(), json!(hot_failures));

@@ -52,6 +52,9 @@ pub struct KafkaArgs {
     pub kafka_reply_partitions: i32,
     #[arg(long, env = "KAFKA_REPLICATION", default_value_t = 1)]
     pub kafka_replication: i32,
+    /// Longest time the broker may hold an empty fetch (latency against broker CPU).
+    #[arg(long, env = "KAFKA_FETCH_WAIT_MS", default_value_t = cardflow_bus::DEFAULT_FETCH_WAIT_MS)]
+    pub kafka_fetch_wait_ms: u32,
 }
 
 impl KafkaArgs {
@@ -62,6 +65,7 @@ impl KafkaArgs {
             partitions: self.kafka_partitions,
             reply_partitions: self.kafka_reply_partitions,
             replication: self.kafka_replication,
+            fetch_wait_ms: self.kafka_fetch_wait_ms,
         }
     }
 }

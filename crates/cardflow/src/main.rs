@@ -196,6 +196,7 @@ fn common_lines(db: &DatabaseArgs, kafka: &KafkaArgs) -> Vec<(&'static str, Stri
         ("KAFKA_TOPIC_PREFIX", format!("{:?}", kafka.kafka_topic_prefix)),
         ("KAFKA_PARTITIONS", kafka.kafka_partitions.to_string()),
         ("KAFKA_REPLY_PARTITIONS", kafka.kafka_reply_partitions.to_string()),
+        ("KAFKA_FETCH_WAIT_MS", kafka.kafka_fetch_wait_ms.to_string()),
     ]
 }
 
@@ -295,7 +296,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("republished {n} card.balance event(s) of card {card} from sequence {from_seq}");
         }
         Command::Bench { db, kafka, bench } => {
-            return bench::run(bench, &db.database_url, &kafka.kafka_brokers).await;
+            return bench::run(bench, &db.database_url, &kafka.bus()).await;
         }
         Command::Tail { kafka, topic, from_beginning, limit } => {
             events::tail(&kafka.bus(), &topic, from_beginning, limit).await?;

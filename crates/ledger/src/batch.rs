@@ -49,6 +49,9 @@ pub struct IncomingCommand {
 #[derive(Debug, Default)]
 pub struct BatchReport {
     pub results: Vec<AppliedResult>,
+    /// True when the batch transaction failed and its commands were applied one
+    /// at a time instead.
+    pub split: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -628,7 +631,7 @@ pub async fn apply_resilient(
         return Err(err);
     }
     tracing::error!(error = %err, size = batch.len(), "batch failed; applying its commands one at a time");
-    let mut report = BatchReport::default();
+    let mut report = BatchReport { split: true, ..BatchReport::default() };
     for incoming in batch {
         let single = std::slice::from_ref(incoming);
         match with_retries(policy, || apply_batch(pool, single, topics, today)).await {

@@ -188,7 +188,7 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "cardflow_worker_batch_failures_total",
-                    "Batches that failed and were retried or split",
+                    "Batch transactions that failed: retried while the database is unreachable, or split into single commands",
                 )
                 .unwrap(),
             ),

@@ -182,6 +182,9 @@ pub async fn run_worker(
                     .await
                 {
                     Ok(report) => {
+                        if report.split {
+                            metrics.batch_failures.inc();
+                        }
                         metrics.batch_size.observe(commands.len() as f64);
                         metrics.batch_duration.observe(started.elapsed().as_secs_f64());
                         for (i, r) in report.results.iter().enumerate() {
