@@ -137,18 +137,9 @@ async fn a_poison_command_goes_to_the_dead_letter_topic_and_later_commands_still
     let reply = sys.transfer(&m.body(0, 1, Some(10))).await;
 
     assert_eq!((reply.status, reply.code()), (200, "000_000"));
-    let dead = read_topic(&sys.bus, &sys.bus.topics.dlq, 1, Duration::from_secs(20), |seen| {
-        seen.iter().any(|(k, _, _)| k == m.card(0))
-    })
-    .await;
-    let (_, _, headers) = dead.iter().find(|(k, _, _)| k == m.card(0)).expect("the poison message is dead-lettered");
-    let reason = headers.iter().find(|(k, _)| k == "dlq-reason").map(|(_, v)| v.as_str()).unwrap_or("");
+    let reason = dead_letter_reason(sys, m.card(0)).await;
     assert!(reason.starts_with("undecodable command"), "reason header: {reason:?}");
-    let worker = sys.metrics("worker").await;
-    let counted = worker
-        .lines()
-        .find(|l| l.starts_with("cardflow_worker_dlq_messages_total "))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    let counted = metric(&sys.metrics("worker").await, "cardflow_worker_dlq_messages_total ");
     assert!(counted.is_some_and(|n| n >= 1.0), "the dead letter is counted: {counted:?}");
 }
 
@@ -162,12 +153,7 @@ async fn a_command_with_an_amount_no_request_may_name_is_dead_lettered_and_moves
     cmd["request"]["amount"] = serde_json::json!("0.5");
     produce(&sys.bus, &sys.bus.topics.commands, m.card(0), cmd.to_string().as_bytes(), None).await;
 
-    let dead = read_topic(&sys.bus, &sys.bus.topics.dlq, 1, Duration::from_secs(20), |seen| {
-        seen.iter().any(|(k, _, _)| k == m.card(0))
-    })
-    .await;
-    let (_, _, headers) = dead.iter().find(|(k, _, _)| k == m.card(0)).expect("the command is dead-lettered");
-    let reason = headers.iter().find(|(k, _)| k == "dlq-reason").map(|(_, v)| v.as_str()).unwrap_or("");
+    let reason = dead_letter_reason(sys, m.card(0)).await;
     assert!(reason.contains("amount"), "reason header: {reason:?}");
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
 }

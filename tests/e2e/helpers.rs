@@ -620,3 +620,19 @@ pub fn shared() -> &'static System {
     static SYSTEM: OnceLock<System> = OnceLock::new();
     SYSTEM.get_or_init(|| System::start(Roles::default()))
 }
+
+/// The value of the first sample in a `/metrics` text whose name and labels start
+/// with `prefix`.
+pub fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
+}
+
+/// The `dlq-reason` of the dead letter keyed `key`, waiting for it to arrive.
+pub async fn dead_letter_reason(sys: &System, key: &str) -> String {
+    let dead = read_topic(&sys.bus, &sys.bus.topics.dlq, 1, Duration::from_secs(20), |seen| {
+        seen.iter().any(|(k, _, _)| k == key)
+    })
+    .await;
+    let (_, _, headers) = dead.iter().find(|(k, _, _)| k == key).expect("the command is dead-lettered");
+    headers.iter().find(|(k, _)| k == "dlq-reason").map(|(_, v)| v.clone()).unwrap_or_default()
+}

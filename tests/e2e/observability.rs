@@ -4,10 +4,7 @@
 use crate::helpers::*;
 use std::time::Duration;
 
-/// The value of the first sample whose name and labels start with `prefix`.
-fn sample(text: &str, prefix: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find(|l| l.starts_with(prefix))?.rsplit(' ').next()?.parse().ok()
-}
+use crate::helpers::metric as sample;
 
 fn sum_of(text: &str, name: &str) -> f64 {
     text.lines()

@@ -295,11 +295,7 @@ async fn a_transfer_that_cannot_be_applied_is_answered_017_002_and_recorded() {
 
     assert_eq!((reply.status, reply.code(), reply.message()), (400, "017_002", "Failed to balance transfer."));
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
-    let worker = sys.metrics("worker").await;
-    let failures = worker
-        .lines()
-        .find(|l| l.starts_with("cardflow_worker_batch_failures_total "))
-        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    let failures = metric(&sys.metrics("worker").await, "cardflow_worker_batch_failures_total ");
     assert!(failures.is_some_and(|n| n >= 1.0), "the failed batch is counted: {failures:?}");
     // Recorded: the same request later gets the same answer, even though it would now succeed.
     let again = sys.send(&sign_post(&body, Some(cid), false), &[]).await;

@@ -1,8 +1,9 @@
 //! The HTTP face of cardflow: `POST /api/v1/transfer/balance` and its status query.
 //!
 //! The gateway checks everything it can without the ledger (header and body
-//! formats, authentication, decryption), records the submission, publishes a
-//! transfer command keyed by `fromCardNo`, and waits for the result on its own
+//! formats, authentication, decryption), answers a request it has seen from the
+//! ledger, publishes a transfer command keyed by `fromCardNo`, records the
+//! submission once Kafka acknowledged it, and waits for the result on its own
 //! reply partition until a deadline; past it, the client gets `202` and a
 //! `Location` to poll. It never decides a transfer and never writes money: that is
 //! the worker's job, in one place, so there is one truth about every balance.
