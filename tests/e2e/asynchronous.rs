@@ -19,6 +19,8 @@ async fn past_the_deadline_the_answer_is_202_and_the_command_is_applied_later() 
     assert_eq!(reply.json["status"], "PENDING");
     assert_eq!(reply.header("location"), Some(format!("/api/v1/transfer/balance/{cid}").as_str()));
     assert_eq!(sys.status(&cid).await.status, 202);
+    let waiting = metric(&sys.metrics("gateway").await, "cardflow_reply_waiting_requests ");
+    assert_eq!(waiting, Some(0.0), "a request that answered 202 no longer waits");
 
     sys.spawn("worker", &[]);
 

@@ -338,7 +338,6 @@ async fn transfer(
     };
     let reply = app.replies.register(asp, corr);
     if let Err(e) = publish(app, &command, &traceparent).instrument(publish_span).await {
-        app.replies.forget(asp, corr);
         tracing::error!(error = %e, "publishing the command failed");
         return Err(fail(ApiError::unavailable()));
     }
@@ -349,8 +348,6 @@ async fn transfer(
         tracing::warn!(error = %e, "recording the submission failed");
     }
     if wants_async(headers) {
-        drop(reply);
-        app.replies.forget(asp, corr);
         return Ok((Answer::pending(corr), caller));
     }
     let remaining = app.config.reply_deadline.saturating_sub(started.elapsed());
@@ -363,7 +360,6 @@ async fn transfer(
             Ok((Answer::of_result(&result), caller))
         }
         _ => {
-            app.replies.forget(asp, corr);
             Metrics::global().reply_fallbacks.inc();
             tracing::info!("deadline passed; answering 202");
             Ok((Answer::pending(corr), caller))

@@ -26,26 +26,57 @@ pub struct ReplyRouter {
     ready: AtomicBool,
 }
 
+/// A request's wait for its result. Dropping it, whatever the reason (the result
+/// came, the deadline passed, the publish failed, the client went away and axum
+/// dropped the handler), takes the request off the router, so no waiter outlives
+/// its request even when its result never comes.
+pub struct Waiter {
+    rx: Option<oneshot::Receiver<TransferResult>>,
+    router: Arc<ReplyRouter>,
+    key: Key,
+}
+
+impl std::future::Future for Waiter {
+    type Output = Result<TransferResult, oneshot::error::RecvError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(self.rx.as_mut().expect("a waiter holds its receiver until dropped")).poll(cx)
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        // Close the receiver first: `forget` keeps only senders whose receiver lives.
+        drop(self.rx.take());
+        self.router.forget(&self.key);
+    }
+}
+
 impl ReplyRouter {
-    pub fn register(&self, asp_id: &str, correlation_id: &str) -> oneshot::Receiver<TransferResult> {
+    pub fn register(self: &Arc<Self>, asp_id: &str, correlation_id: &str) -> Waiter {
         let (tx, rx) = oneshot::channel();
+        let key = (asp_id.to_string(), correlation_id.to_string());
         let mut w = self.waiting.lock().unwrap();
-        w.entry((asp_id.to_string(), correlation_id.to_string())).or_default().push(tx);
+        w.entry(key.clone()).or_default().push(tx);
         cardflow_telemetry::Metrics::global().waiting_requests.set(w.values().map(Vec::len).sum::<usize>() as i64);
-        rx
+        Waiter { rx: Some(rx), router: self.clone(), key }
     }
 
-    /// Drops waiters whose requests gave up (deadline passed or client gone).
-    pub fn forget(&self, asp_id: &str, correlation_id: &str) {
+    /// Drops the waiters of `key` whose requests are gone.
+    fn forget(&self, key: &Key) {
         let mut w = self.waiting.lock().unwrap();
-        let key = (asp_id.to_string(), correlation_id.to_string());
-        if let Some(list) = w.get_mut(&key) {
+        if let Some(list) = w.get_mut(key) {
             list.retain(|s| !s.is_closed());
             if list.is_empty() {
-                w.remove(&key);
+                w.remove(key);
             }
         }
         cardflow_telemetry::Metrics::global().waiting_requests.set(w.values().map(Vec::len).sum::<usize>() as i64);
+    }
+
+    /// How many requests wait for a result.
+    pub fn waiting(&self) -> usize {
+        self.waiting.lock().unwrap().values().map(Vec::len).sum()
     }
 
     pub fn deliver(&self, result: TransferResult) {
@@ -110,5 +141,49 @@ pub async fn run_reply_consumer(bus: BusConfig, partition: i32, router: Arc<Repl
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cardflow_domain::{AspId, CorrelationId, TransferOutcome};
+
+    fn result(corr: &str) -> TransferResult {
+        TransferResult {
+            schema_version: 1,
+            asp_id: AspId::parse("DEMOASP00000001").unwrap(),
+            correlation_id: CorrelationId::parse(corr).unwrap(),
+            transfer_id: None,
+            outcome: TransferOutcome::Completed,
+            code: "000_000".into(),
+            message: "Success.".into(),
+            amount: None,
+            decided_at: chrono::Utc::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivered_result_reaches_every_waiter_of_its_request() {
+        let router = Arc::new(ReplyRouter::default());
+        let (a, b) = (
+            router.register("DEMOASP00000001", "261124153000-00000a1"),
+            router.register("DEMOASP00000001", "261124153000-00000a1"),
+        );
+        router.deliver(result("261124153000-00000a1"));
+        assert_eq!(a.await.unwrap().code, "000_000");
+        assert_eq!(b.await.unwrap().code, "000_000");
+        assert_eq!(router.waiting(), 0);
+    }
+
+    #[test]
+    fn a_waiter_that_gives_up_leaves_nothing_behind() {
+        let router = Arc::new(ReplyRouter::default());
+        let kept = router.register("DEMOASP00000001", "261124153000-00000a1");
+        drop(router.register("DEMOASP00000001", "261124153000-00000a1"));
+        drop(router.register("DEMOASP00000001", "261124153000-00000b2"));
+        assert_eq!(router.waiting(), 1, "only the request still waiting");
+        drop(kept);
+        assert_eq!(router.waiting(), 0);
     }
 }
