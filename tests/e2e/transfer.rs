@@ -215,3 +215,27 @@ async fn a_reply_the_broker_refuses_for_good_is_parked_and_later_messages_still_
     assert!(!reason.is_empty());
     assert_eq!(balance(&pool, m.card(0)).await, dec(700), "both transfers were applied");
 }
+
+#[tokio::test]
+async fn repeats_inside_one_batch_are_answered_from_the_first_and_a_changed_body_is_000_008() {
+    // No worker yet: the commands wait in Kafka and the first poll takes them together.
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: true, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let first = command(&m, 0, 1, Some(300), 1, &sys);
+    let mut changed = first.clone();
+    changed.request.amount = Some(Money::from_units(301));
+    changed.fingerprint = changed.request.fingerprint();
+    for c in [&first, &first, &changed] {
+        produce(&sys.bus, &sys.bus.topics.commands, m.card(0), &serde_json::to_vec(c).unwrap(), None).await;
+    }
+
+    sys.spawn("worker", &[]);
+
+    let results = results_for(&sys, 1, &[first.correlation_id.to_string()], 3).await;
+    let codes: Vec<&str> = results.iter().map(|r| r["code"].as_str().unwrap()).collect();
+    assert_eq!(codes.iter().filter(|c| **c == "000_000").count(), 2, "{codes:?}");
+    assert_eq!(codes.iter().filter(|c| **c == "000_008").count(), 1, "{codes:?}");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(700), "the money moved once");
+    assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
+}
