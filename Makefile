@@ -14,7 +14,7 @@ BENCH_ARGS ?=
 
 help:
 	@echo "make run        start the whole system locally with demo data (foreground)"
-	@echo "make test       formatting, lints, unit and end-to-end tests"
+	@echo "make test       formatting, lints, unit tests, deploy/ checks and end-to-end tests"
 	@echo "make bench      throughput and latency figures (BENCH_ARGS passed through)"
 	@echo "make stack      start PostgreSQL and the broker in the background"
 	@echo "make stack-down stop what 'make stack' started"
