@@ -551,12 +551,23 @@ pub async fn read_topic(
     topic: &str,
     partitions: i32,
     timeout: Duration,
+    done: impl FnMut(&[TopicMessage]) -> bool,
+) -> Vec<TopicMessage> {
+    read_partitions(bus, topic, &(0..partitions).collect::<Vec<_>>(), timeout, done).await
+}
+
+/// Like `read_topic`, for the named partitions only.
+pub async fn read_partitions(
+    bus: &BusConfig,
+    topic: &str,
+    partitions: &[i32],
+    timeout: Duration,
     mut done: impl FnMut(&[TopicMessage]) -> bool,
 ) -> Vec<TopicMessage> {
     let consumer: StreamConsumer = bus.assigned_consumer().unwrap();
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
