@@ -113,3 +113,35 @@ async fn a_replay_republishes_the_same_events() {
     assert_eq!(replayed.len(), 3, "sequences 2, 3 and 4");
     assert_eq!(replayed, original[1..].to_vec(), "same ids, same content");
 }
+
+#[tokio::test]
+async fn commands_and_results_validate_against_their_schemas() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(100), CardSpec::prepaid(0)]).await;
+    let ok = sign_post(&m.body(0, 1, Some(40)), None, false);
+    let rejected = sign_post(&m.body(0, 1, Some(400)), None, false);
+    assert_eq!(sys.send(&ok, &[]).await.code(), "000_000");
+    assert_eq!(sys.send(&rejected, &[]).await.code(), "005_018");
+    let ids = [ok.correlation_id.clone(), rejected.correlation_id.clone()];
+
+    let commands =
+        read_topic(&sys.bus, &sys.bus.topics.commands, sys.bus.partitions, Duration::from_secs(30), |seen| {
+            seen.iter().filter(|(k, _, _)| k == m.card(0)).count() >= 2
+        })
+        .await;
+    let results =
+        read_topic(&sys.bus, &sys.bus.topics.results, sys.bus.reply_partitions, Duration::from_secs(30), |seen| {
+            seen.iter().filter(|(k, _, _)| ids.contains(k)).count() >= 2
+        })
+        .await;
+
+    let command_schema = validator("transfer.commands.v1.json");
+    let mine: Vec<&Value> = commands.iter().filter(|(k, _, _)| k == m.card(0)).map(|(_, v, _)| v).collect();
+    assert_eq!(mine.len(), 2);
+    mine.iter().for_each(|c| assert_valid(&command_schema, c));
+    let result_schema = validator("transfer.results.v1.json");
+    let mine: Vec<&Value> = results.iter().filter(|(k, _, _)| ids.contains(k)).map(|(_, v, _)| v).collect();
+    assert_eq!(mine.len(), 2);
+    mine.iter().for_each(|r| assert_valid(&result_schema, r));
+}
