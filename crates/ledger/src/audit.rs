@@ -19,6 +19,17 @@ pub struct Violation {
     pub detail: String,
 }
 
+impl Violation {
+    /// The subject as a log line may show it: a card by its last four digits.
+    /// `cardflow audit`, run by a person, names it in full.
+    pub fn masked_subject(&self) -> String {
+        match self.subject.strip_prefix("card ").map(cardflow_domain::CardNo::parse) {
+            Some(Ok(card)) => format!("card {}", card.masked()),
+            _ => self.subject.clone(),
+        }
+    }
+}
+
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {} ({})", self.subject, self.rule, self.detail)
@@ -119,4 +130,16 @@ pub async fn run(pool: &PgPool) -> Result<AuditReport, LedgerError> {
 /// The sum of all card balances, for conservation checks.
 pub async fn total_balance(pool: &PgPool) -> Result<rust_decimal::Decimal, LedgerError> {
     Ok(sqlx::query_scalar("SELECT COALESCE(sum(balance), 0) FROM cards").fetch_one(pool).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_logged_violation_shows_only_the_cards_last_four_digits() {
+        let v = |subject: &str| Violation { subject: subject.into(), rule: "r", detail: "d".into() };
+        assert_eq!(v("card 9410000000000001").masked_subject(), "card ************0001");
+        assert_eq!(v("transfer 0193").masked_subject(), "transfer 0193");
+    }
 }

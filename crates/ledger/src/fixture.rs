@@ -233,7 +233,7 @@ impl Fixture {
             .await?;
             if kept_ledger_balance {
                 tracing::warn!(
-                    card_no = c.card_no.as_str(),
+                    card_no = c.card_no.masked(),
                     "the card has ledger entries: its balance stays as the ledger left it, not as the fixture says"
                 );
             }

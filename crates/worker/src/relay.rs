@@ -121,7 +121,7 @@ async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
                 out.done.push(row.id);
             }
             Err((e, _)) if refused_for_good(&e) => {
-                tracing::error!(error = %e, id = row.id, topic = row.topic, key = row.key, "the broker refuses this outbox row for good; parked");
+                tracing::error!(error = %e, id = row.id, topic = row.topic, "the broker refuses this outbox row for good; parked");
                 metrics.relay_parked.with_label_values(&[&row.topic]).inc();
                 out.parked.push((row.id, e.to_string()));
             }
@@ -206,7 +206,11 @@ pub async fn run_relay(
                             m.audit_violations.set(report.violations.len() as i64);
                             m.audit_last_run.set(chrono::Utc::now().timestamp() as f64);
                             for v in &report.violations {
-                                tracing::error!(violation = %v, "audit violation");
+                                tracing::error!(
+                                    subject = v.masked_subject(),
+                                    rule = v.rule,
+                                    "audit violation; `cardflow audit` names it in full"
+                                );
                             }
                         }
                         Err(e) => tracing::warn!(error = %e, "audit failed to run"),
