@@ -218,9 +218,9 @@ impl Picker {
 /// second) collide by the birthday bound at bench rates, and a collision is a
 /// `000_008` that no transfer row records, which the bench would wait for forever.
 fn unique_correlation_id() -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 0x1000_0000;
-    format!("{}-{n:07x}", chrono::Utc::now().format("%y%m%d%H%M%S"))
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let serial = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    client::correlation_id(chrono::Utc::now(), ClientTimeZone::parse("UTC").unwrap(), serial)
 }
 
 fn body(member: u64, from: u64, to: u64, amount: u64) -> String {

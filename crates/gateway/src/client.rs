@@ -39,7 +39,13 @@ pub struct SignedRequest {
 
 /// A correlation id for now: `yyMMddHHmiSS-` and 7 random hex digits.
 pub fn fresh_correlation_id(now: DateTime<Utc>, tz: ClientTimeZone) -> String {
-    format!("{}-{:07x}", now.with_timezone(&tz.offset()).format("%y%m%d%H%M%S"), rand::random::<u32>() & 0x0fff_ffff)
+    correlation_id(now, tz, rand::random::<u32>())
+}
+
+/// The correlation id of `now` in `tz` with `serial`'s low 28 bits as its seven hex
+/// digits: for a client that numbers its requests instead of drawing them.
+pub fn correlation_id(now: DateTime<Utc>, tz: ClientTimeZone, serial: u32) -> String {
+    format!("{}-{:07x}", now.with_timezone(&tz.offset()).format("%y%m%d%H%M%S"), serial & 0x0fff_ffff)
 }
 
 pub struct SignOptions<'a> {

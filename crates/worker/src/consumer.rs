@@ -190,15 +190,16 @@ pub async fn run_worker(
                         for (i, r) in report.results.iter().enumerate() {
                             let repeat = if r.repeat { "true" } else { "false" };
                             metrics.commands_applied.with_label_values(&[&r.result.code, repeat]).inc();
-                            let transfer_id = r.result.transfer_id.map(|id| id.to_string()).unwrap_or_default();
                             if let Some(span) = apply_spans.get(i) {
-                                span.record("transfer_id", transfer_id.as_str());
+                                if let Some(id) = r.result.transfer_id {
+                                    span.record("transfer_id", tracing::field::display(id));
+                                }
                                 span.record("code", r.result.code.as_str());
                             }
                             tracing::debug!(
                                 correlation_id = %r.result.correlation_id,
                                 asp_id = %r.result.asp_id,
-                                transfer_id,
+                                transfer_id = ?r.result.transfer_id,
                                 code = r.result.code,
                                 repeat = r.repeat,
                                 "decided"
