@@ -144,6 +144,29 @@ async fn the_audit_names_a_card_whose_balance_does_not_match_its_entries() {
 }
 
 #[tokio::test]
+async fn the_audit_names_a_ledger_entry_whose_transfer_does_not_exist() {
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: false, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000)]).await;
+    let orphan = uuid::Uuid::now_v7();
+
+    sqlx::query(
+        "INSERT INTO ledger_entries (entry_id, transfer_id, card_no, user_id, side, amount, balance_after, sequence)
+         SELECT $1, $1, card_no, user_id, 'CREDIT', 1, balance + 1, sequence + 1 FROM cards WHERE card_no = $2",
+    )
+    .bind(orphan)
+    .bind(m.card(0))
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let out = audit(&sys);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains(&format!("entry {orphan}: every entry belongs to a stored transfer and card")), "{report}");
+}
+
+#[tokio::test]
 async fn re_seeding_a_card_the_ledger_moved_keeps_its_ledger_balance_and_the_audit_passes() {
     let sys = System::start(Roles::default());
     let pool = sys.pool().await;

@@ -203,7 +203,7 @@ async fn a_reply_the_broker_refuses_for_good_is_parked_and_later_messages_still_
     assert_eq!(results[0]["code"], "000_000", "the later reply was not held up");
     let reason: String = eventually(Duration::from_secs(30), "the parked row", || async {
         sqlx::query_scalar::<_, Option<String>>(
-            "SELECT parked_reason FROM outbox WHERE message_key = $1 AND partition = 99",
+            "SELECT reason FROM outbox_parked WHERE message_key = $1 AND partition = 99",
         )
         .bind(lost.correlation_id.as_str())
         .fetch_optional(&pool)

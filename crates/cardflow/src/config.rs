@@ -143,7 +143,8 @@ impl WorkerArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct RelayArgs {
-    #[arg(long, env = "RELAY_BATCH", default_value_t = 1000)]
+    /// Messages published per round, in whole outbox rows.
+    #[arg(long, env = "RELAY_BATCH", default_value_t = 4000)]
     pub relay_batch: i64,
     /// How often the relay looks at the outbox without a notification.
     #[arg(long, env = "RELAY_SWEEP_MS", default_value_t = 1000)]

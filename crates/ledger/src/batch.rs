@@ -1,19 +1,23 @@
 //! Applying a batch of transfer commands in ONE transaction.
 //!
-//! 1. Claim each request by `(asp_id, correlation_id)`: insert a placeholder
-//!    transfer row, `ON CONFLICT DO NOTHING`, in key order. A key that is already
-//!    taken is a repeat; its stored result is answered again.
+//! 1. Read the transfers already stored under the batch's `(asp_id,
+//!    correlation_id)` keys: those commands are repeats and get the stored result.
 //! 2. Lock every card the new commands touch, in card-number order, so that two
 //!    workers never wait on each other in a cycle.
 //! 3. Decide and apply the commands in offset order in memory: a later command sees
 //!    the balances the earlier ones left.
-//! 4. Write cards, ledger entries, transfer results and outbox rows with one
-//!    set-based statement each, and commit.
+//! 4. Insert the decided transfers (in key order), then write cards, ledger entries
+//!    and the batch's one outbox row with one set-based statement each, and commit.
 //!
 //! The caller commits Kafka offsets only after this returns, so a crash anywhere
-//! repeats the batch; a repeated command hits its claimed key and moves no money.
+//! repeats the batch; a repeated command finds its stored transfer and moves no
+//! money. Two workers can hold the same key only while a partition moves between
+//! them: the second one's insert then meets the unique key, the batch fails with
+//! [`LedgerError::KeyTaken`] and its retry reads the first one's result. A transfer
+//! row is written once, decided: an earlier version claimed keys with a PENDING row
+//! and updated it, which `make bench` showed as a second write per transfer.
 
-use crate::outbox::NewOutboxRow;
+use crate::outbox::OutboxMessage;
 use crate::transfers::StoredTransfer;
 use crate::LedgerError;
 use cardflow_domain::command::{BALANCE_CHANGED, SCHEMA_VERSION, TRANSFER_COMPLETED, TRANSFER_REJECTED};
@@ -67,25 +71,25 @@ fn key_of(c: &TransferCommand) -> Key {
     (c.asp_id.to_string(), c.correlation_id.to_string())
 }
 
-fn headers(traceparent: &Option<String>) -> serde_json::Value {
-    let mut h = serde_json::Map::new();
+fn headers(traceparent: &Option<String>) -> BTreeMap<String, String> {
+    let mut h = BTreeMap::new();
     h.insert("content-type".into(), "application/json".into());
-    h.insert("schema-version".into(), SCHEMA_VERSION.to_string().into());
+    h.insert("schema-version".into(), SCHEMA_VERSION.to_string());
     if let Some(tp) = traceparent {
-        h.insert("traceparent".into(), tp.clone().into());
+        h.insert("traceparent".into(), tp.clone());
     }
-    serde_json::Value::Object(h)
+    h
 }
 
-fn result_row(incoming: &IncomingCommand, result: &TransferResult) -> NewOutboxRow {
+fn reply(incoming: &IncomingCommand, result: &TransferResult) -> OutboxMessage {
     let reply = &incoming.command.reply_to;
-    NewOutboxRow {
-        topic: reply.topic.clone(),
-        partition: Some(reply.partition),
-        key: incoming.command.correlation_id.to_string(),
-        payload: serde_json::to_string(result).expect("results serialize"),
-        headers: headers(&incoming.traceparent),
-    }
+    OutboxMessage::json(
+        &reply.topic,
+        Some(reply.partition),
+        incoming.command.correlation_id.to_string(),
+        headers(&incoming.traceparent),
+        result,
+    )
 }
 
 fn rejection(
@@ -136,6 +140,7 @@ fn answer_repeat(cmd: &TransferCommand, stored: &StoredTransfer) -> TransferResu
 /// Decides one new request against the locked cards and gathers its writes.
 #[allow(clippy::too_many_arguments)]
 fn decide_one(
+    index: usize,
     incoming: &IncomingCommand,
     transfer_id: Uuid,
     cards: &mut BTreeMap<CardNo, CardView>,
@@ -172,7 +177,7 @@ fn decide_one(
             }
         }
     };
-    writes.decided(incoming, &result, topics);
+    writes.decided(index, incoming, &result, topics);
     result
 }
 
@@ -203,21 +208,22 @@ fn transfer_event(cmd: &TransferCommand, result: &TransferResult) -> TransferEve
 #[derive(Default)]
 struct Writes {
     entries: Vec<(Uuid, Uuid, Posting)>,
-    decided: Vec<TransferResult>,
-    outbox: Vec<NewOutboxRow>,
+    /// New transfers: the batch position of the command and its result.
+    decided: Vec<(usize, TransferResult)>,
+    outbox: Vec<OutboxMessage>,
 }
 
 impl Writes {
-    fn decided(&mut self, incoming: &IncomingCommand, result: &TransferResult, topics: &OutboxTopics) {
+    fn decided(&mut self, index: usize, incoming: &IncomingCommand, result: &TransferResult, topics: &OutboxTopics) {
         let event = transfer_event(&incoming.command, result);
-        self.outbox.push(NewOutboxRow {
-            topic: topics.transfer_events.clone(),
-            partition: None,
-            key: incoming.command.request.from_card_no.to_string(),
-            payload: serde_json::to_string(&event).expect("events serialize"),
-            headers: headers(&incoming.traceparent),
-        });
-        self.decided.push(result.clone());
+        self.outbox.push(OutboxMessage::json(
+            &topics.transfer_events,
+            None,
+            incoming.command.request.from_card_no.to_string(),
+            headers(&incoming.traceparent),
+            &event,
+        ));
+        self.decided.push((index, result.clone()));
     }
 
     fn posting(
@@ -242,13 +248,13 @@ impl Writes {
             balance_after: posting.balance_after,
             sequence: posting.sequence,
         };
-        self.outbox.push(NewOutboxRow {
-            topic: topics.card_balance.clone(),
-            partition: None,
-            key: posting.card_no.to_string(),
-            payload: serde_json::to_string(&event).expect("events serialize"),
-            headers: headers(&incoming.traceparent),
-        });
+        self.outbox.push(OutboxMessage::json(
+            &topics.card_balance,
+            None,
+            posting.card_no.to_string(),
+            headers(&incoming.traceparent),
+            &event,
+        ));
         self.entries.push((entry_id, transfer_id, posting));
     }
 }
@@ -269,24 +275,19 @@ pub async fn apply_batch(
     // Microseconds, as Postgres stores them: replayed events must equal the originals.
     let now = Utc::now().trunc_subsecs(6);
 
-    // 1. Claim keys. Within the batch the first occurrence of a key is the request;
-    //    later ones are repeats of it.
+    // 1. Within the batch the first occurrence of a key is the request; later ones
+    //    are repeats of it. A key stored before is a repeat everywhere in the batch.
     let mut first: HashMap<Key, usize> = HashMap::new();
     for (i, c) in batch.iter().enumerate() {
         first.entry(key_of(&c.command)).or_insert(i);
     }
-    let mut claims: Vec<(Key, usize, Uuid)> = first.iter().map(|(k, i)| (k.clone(), *i, Uuid::now_v7())).collect();
-    claims.sort_by(|a, b| a.0.cmp(&b.0));
-    let claimed = claim(&mut tx, batch, &claims).instrument(db_span("claim transfers")).await?;
-    let taken: Vec<Key> = claims.iter().filter(|(_, _, id)| !claimed.contains(id)).map(|(k, _, _)| k.clone()).collect();
-    let stored = crate::transfers::find_many(&mut *tx, &taken).instrument(db_span("read repeats")).await?;
-    let transfer_ids: HashMap<Key, Uuid> = claims.iter().map(|(k, _, id)| (k.clone(), *id)).collect();
+    let keys: Vec<Key> = first.keys().cloned().collect();
+    let stored = crate::transfers::find_many(&mut *tx, &keys).instrument(db_span("read repeats")).await?;
 
     // 2. Lock the cards of the new requests, in card-number order.
     let mut card_nos: Vec<String> = Vec::new();
-    for (k, i, id) in &claims {
-        let _ = k;
-        if claimed.contains(id) {
+    for (k, i) in &first {
+        if !stored.contains_key(k) {
             let r = &batch[*i].command.request;
             card_nos.push(r.from_card_no.to_string());
             card_nos.push(r.to_card_no.to_string());
@@ -296,8 +297,7 @@ pub async fn apply_batch(
     card_nos.dedup();
     let mut cards = lock_cards(&mut tx, &card_nos).instrument(db_span("lock cards")).await?;
     let original_sequences: HashMap<CardNo, i64> = cards.iter().map(|(k, v)| (k.clone(), v.sequence)).collect();
-    let asp_ids: Vec<String> =
-        claims.iter().map(|((asp, _), _, _)| asp.clone()).collect::<HashSet<_>>().into_iter().collect();
+    let asp_ids: Vec<String> = first.keys().map(|(asp, _)| asp.clone()).collect::<HashSet<_>>().into_iter().collect();
     let affiliates = caller_affiliates(&mut tx, &asp_ids).instrument(db_span("read affiliates")).await?;
 
     // 3. Decide in offset order. `owners` holds, per key, the fingerprint of the
@@ -310,66 +310,74 @@ pub async fn apply_batch(
     for (i, incoming) in batch.iter().enumerate() {
         let cmd = &incoming.command;
         let key = key_of(cmd);
-        let transfer_id = transfer_ids[&key];
-        let decides = first[&key] == i && claimed.contains(&transfer_id);
+        let decides = first[&key] == i && !stored.contains_key(&key);
         let (result, repeat) = if decides {
-            let result = decide_one(incoming, transfer_id, &mut cards, &affiliates, today, now, topics, &mut writes);
-            owners.insert(key.clone(), (cmd.fingerprint.clone(), result.clone()));
+            let result =
+                decide_one(i, incoming, Uuid::now_v7(), &mut cards, &affiliates, today, now, topics, &mut writes);
+            owners.insert(key, (cmd.fingerprint.clone(), result.clone()));
             (result, false)
         } else {
             let (fingerprint, owner_result) = owners
                 .get(&key)
-                .ok_or_else(|| LedgerError::Corrupt(format!("claim for {} vanished", cmd.correlation_id)))?;
+                .ok_or_else(|| LedgerError::Corrupt(format!("owner of {} vanished", cmd.correlation_id)))?;
             (answer_from(cmd, fingerprint, owner_result, now), true)
         };
-        writes.outbox.push(result_row(incoming, &result));
+        writes.outbox.push(reply(incoming, &result));
         report.results.push(AppliedResult { result, repeat });
     }
 
-    // 4. Set-based writes.
+    // 4. Set-based writes. Transfers first: the ledger entries name them.
+    insert_transfers(&mut tx, batch, &mut writes.decided).instrument(db_span("write transfers")).await?;
     let touched: Vec<&CardView> =
         cards.values().filter(|c| original_sequences.get(&c.card_no) != Some(&c.sequence)).collect();
     write_cards(&mut tx, &touched).instrument(db_span("write cards")).await?;
     write_entries(&mut tx, &writes.entries, now).instrument(db_span("write ledger entries")).await?;
-    write_decisions(&mut tx, &writes.decided).instrument(db_span("write transfers")).await?;
     crate::outbox::insert(&mut tx, &writes.outbox).instrument(db_span("write outbox")).await?;
     tx.commit().instrument(db_span("commit")).await?;
     Ok(report)
 }
 
-async fn claim(
+/// Inserts decided transfers in key order (two workers inserting the same keys
+/// then wait on each other in one order, never in a cycle). A key someone else
+/// stored since step 1 fails the batch with [`LedgerError::KeyTaken`], so that its
+/// retry answers it as a repeat.
+async fn insert_transfers(
     tx: &mut Transaction<'_, Postgres>,
     batch: &[IncomingCommand],
-    claims: &[(Key, usize, Uuid)],
-) -> Result<HashSet<Uuid>, LedgerError> {
-    let mut ids = Vec::new();
-    let mut asp = Vec::new();
-    let mut corr = Vec::new();
-    let mut fp = Vec::new();
-    let mut user = Vec::new();
-    let mut from = Vec::new();
-    let mut to = Vec::new();
-    let mut amount: Vec<Option<Decimal>> = Vec::new();
-    let mut submitted = Vec::new();
-    for (k, i, id) in claims {
-        let c = &batch[*i].command;
-        ids.push(*id);
-        asp.push(k.0.clone());
-        corr.push(k.1.clone());
-        fp.push(c.fingerprint.clone());
-        user.push(Decimal::from(c.request.user_id.get()));
-        from.push(c.request.from_card_no.to_string());
-        to.push(c.request.to_card_no.to_string());
-        amount.push(c.request.amount.map(Money::get));
-        submitted.push(c.submitted_at);
+    decided: &mut [(usize, TransferResult)],
+) -> Result<(), LedgerError> {
+    if decided.is_empty() {
+        return Ok(());
     }
-    let rows = sqlx::query(
+    decided.sort_by(|a, b| key_of(&batch[a.0].command).cmp(&key_of(&batch[b.0].command)));
+    let commands = || decided.iter().map(|(i, _)| &batch[*i].command);
+    let results = || decided.iter().map(|(_, r)| r);
+    let ids: Vec<Uuid> = results().map(|r| r.transfer_id.expect("decided transfers have an id")).collect();
+    let asp: Vec<&str> = commands().map(|c| c.asp_id.as_str()).collect();
+    let corr: Vec<&str> = commands().map(|c| c.correlation_id.as_str()).collect();
+    let fp: Vec<&str> = commands().map(|c| c.fingerprint.as_str()).collect();
+    let user: Vec<Decimal> = commands().map(|c| Decimal::from(c.request.user_id.get())).collect();
+    let from: Vec<String> = commands().map(|c| c.request.from_card_no.to_string()).collect();
+    let to: Vec<String> = commands().map(|c| c.request.to_card_no.to_string()).collect();
+    let requested: Vec<Option<Decimal>> = commands().map(|c| c.request.amount.map(Money::get)).collect();
+    let submitted: Vec<DateTime<Utc>> = commands().map(|c| c.submitted_at).collect();
+    let status: Vec<&str> = results()
+        .map(|r| match r.outcome {
+            TransferOutcome::Completed => "COMPLETED",
+            TransferOutcome::Rejected => "REJECTED",
+        })
+        .collect();
+    let code: Vec<&str> = results().map(|r| r.code.as_str()).collect();
+    let message: Vec<&str> = results().map(|r| r.message.as_str()).collect();
+    let amount: Vec<Option<Decimal>> = results().map(|r| r.amount.map(Money::get)).collect();
+    let at: Vec<DateTime<Utc>> = results().map(|r| r.decided_at).collect();
+    let inserted = sqlx::query(
         "INSERT INTO transfers (transfer_id, asp_id, correlation_id, fingerprint, user_id, from_card_no, to_card_no,
-                                requested_amount, submitted_at, status)
-         SELECT t.*, 'PENDING' FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[],
-                                         $7::text[], $8::numeric[], $9::timestamptz[]) AS t
-         ON CONFLICT (asp_id, correlation_id) DO NOTHING
-         RETURNING transfer_id",
+                                requested_amount, submitted_at, status, result_code, result_message, amount, decided_at)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[], $7::text[],
+                              $8::numeric[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::numeric[],
+                              $14::timestamptz[])
+         ON CONFLICT (asp_id, correlation_id) DO NOTHING",
     )
     .bind(&ids)
     .bind(&asp)
@@ -378,11 +386,21 @@ async fn claim(
     .bind(&user)
     .bind(&from)
     .bind(&to)
-    .bind(&amount)
+    .bind(&requested)
     .bind(&submitted)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(rows.iter().map(|r| r.get::<Uuid, _>(0)).collect())
+    .bind(&status)
+    .bind(&code)
+    .bind(&message)
+    .bind(&amount)
+    .bind(&at)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    let wanted = decided.len() as u64;
+    if inserted != wanted {
+        return Err(LedgerError::KeyTaken { taken: wanted - inserted });
+    }
+    Ok(())
 }
 
 /// Loads and locks cards with what the rules need of their products and owners.
@@ -514,38 +532,6 @@ async fn write_entries(
     Ok(())
 }
 
-async fn write_decisions(tx: &mut Transaction<'_, Postgres>, decided: &[TransferResult]) -> Result<(), LedgerError> {
-    if decided.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = decided.iter().map(|r| r.transfer_id.expect("decided transfers have an id")).collect();
-    let statuses: Vec<&str> = decided
-        .iter()
-        .map(|r| match r.outcome {
-            TransferOutcome::Completed => "COMPLETED",
-            TransferOutcome::Rejected => "REJECTED",
-        })
-        .collect();
-    let codes: Vec<String> = decided.iter().map(|r| r.code.clone()).collect();
-    let messages: Vec<String> = decided.iter().map(|r| r.message.clone()).collect();
-    let amounts: Vec<Option<Decimal>> = decided.iter().map(|r| r.amount.map(Money::get)).collect();
-    let at: Vec<DateTime<Utc>> = decided.iter().map(|r| r.decided_at).collect();
-    sqlx::query(
-        "UPDATE transfers t SET status = v.status, result_code = v.code, result_message = v.message, amount = v.amount, decided_at = v.at
-         FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::timestamptz[]) AS v(id, status, code, message, amount, at)
-         WHERE t.transfer_id = v.id",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&codes)
-    .bind(&messages)
-    .bind(&amounts)
-    .bind(&at)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// Records a command that could not be applied for a reason that is not the
 /// caller's as `017_002`, in its own transaction, and queues its answer. A repeat
 /// of an already decided request gets the stored result instead.
@@ -555,25 +541,22 @@ pub async fn record_failure(
     topics: &OutboxTopics,
 ) -> Result<AppliedResult, LedgerError> {
     let cmd = &incoming.command;
-    let mut tx = pool.begin().await?;
-    let transfer_id = Uuid::now_v7();
     let key = key_of(cmd);
-    let claimed = claim(&mut tx, std::slice::from_ref(incoming), &[(key.clone(), 0, transfer_id)]).await?;
-    let mut outbox = Vec::new();
-    let applied = if claimed.contains(&transfer_id) {
-        let result = rejection(cmd, transfer_id, ResultCode::TransferFailed, None, Utc::now());
-        let mut w = Writes::default();
-        w.decided(incoming, &result, topics);
-        write_decisions(&mut tx, &w.decided).await?;
-        outbox.append(&mut w.outbox);
-        AppliedResult { result, repeat: false }
-    } else {
-        let stored = crate::transfers::find_many(&mut *tx, std::slice::from_ref(&key)).await?;
-        let s = stored.get(&key).ok_or_else(|| corrupt("claimed key without a row"))?;
-        AppliedResult { result: answer_repeat(cmd, s), repeat: true }
+    let mut tx = pool.begin().await?;
+    let stored = crate::transfers::find_many(&mut *tx, std::slice::from_ref(&key)).await?;
+    let mut writes = Writes::default();
+    let applied = match stored.get(&key) {
+        Some(s) => AppliedResult { result: answer_repeat(cmd, s), repeat: true },
+        None => {
+            let now = Utc::now().trunc_subsecs(6);
+            let result = rejection(cmd, Uuid::now_v7(), ResultCode::TransferFailed, None, now);
+            writes.decided(0, incoming, &result, topics);
+            insert_transfers(&mut tx, std::slice::from_ref(incoming), &mut writes.decided).await?;
+            AppliedResult { result, repeat: false }
+        }
     };
-    outbox.push(result_row(incoming, &applied.result));
-    crate::outbox::insert(&mut tx, &outbox).await?;
+    writes.outbox.push(reply(incoming, &applied.result));
+    crate::outbox::insert(&mut tx, &writes.outbox).await?;
     tx.commit().await?;
     Ok(applied)
 }
@@ -641,7 +624,7 @@ pub async fn apply_resilient(
                     return Err(e);
                 }
                 tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "command failed; answering 017_002");
-                report.results.push(record_failure(pool, incoming, topics).await?);
+                report.results.push(with_retries(policy, || record_failure(pool, incoming, topics)).await?);
             }
         }
     }

@@ -39,6 +39,10 @@ pub enum LedgerError {
     Fixture(String),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// Another worker stored some of the batch's requests while this one decided
+    /// them (a partition moving between workers); a retry answers them as repeats.
+    #[error("{taken} request(s) of the batch were stored by another worker meanwhile")]
+    KeyTaken { taken: u64 },
 }
 
 impl LedgerError {
@@ -58,6 +62,7 @@ impl LedgerError {
                 ),
                 _ => false,
             },
+            LedgerError::KeyTaken { .. } => true,
             _ => false,
         }
     }

@@ -1,9 +1,11 @@
 //! The relay publishes the outbox. One relay is active at a time: it holds a
 //! Postgres advisory lock on a connection of its own, and standbys wait for it.
 //! A `NOTIFY` from the outbox trigger wakes it; a periodic sweep covers a lost
-//! notification. Rows go out in id order and are marked published only after the
-//! broker acknowledged them, so a crash republishes (consumers deduplicate by event
-//! id and sequence) but never loses or reorders a key's messages.
+//! notification. A row holds every message of one worker transaction. Rows go out
+//! in id order, a row's messages in their order, and a row is marked published
+//! only after the broker acknowledged all of them, so a crash republishes
+//! (consumers deduplicate by event id and sequence) but never loses or reorders a
+//! key's messages.
 
 use crate::WorkerError;
 use cardflow_bus::rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -11,7 +13,7 @@ use cardflow_bus::rdkafka::message::{Header, OwnedHeaders};
 use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
 use cardflow_bus::rdkafka::util::Timeout;
 use cardflow_bus::BusConfig;
-use cardflow_ledger::outbox::{self, OutboxRow, NOTIFY_CHANNEL};
+use cardflow_ledger::outbox::{self, OutboxMessage, OutboxRow, ParkedMessage, NOTIFY_CHANNEL};
 use cardflow_telemetry::Metrics;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
@@ -23,7 +25,8 @@ const RELAY_LOCK: i64 = 0x6361_7264_666c_6f77; // "cardflow"
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// Rows read and published per round.
+    /// Messages read and published per round, in whole outbox rows (a row holds
+    /// one worker transaction's messages).
     pub batch: i64,
     /// How often to look without a notification.
     pub sweep_interval: Duration,
@@ -34,19 +37,15 @@ pub struct RelayConfig {
     pub audit_interval: Duration,
 }
 
-/// The row's headers; `traceparent`, when given, replaces the stored one.
-fn record_headers(row: &OutboxRow, traceparent: Option<&str>) -> OwnedHeaders {
+/// The message's headers; `traceparent`, when given, replaces the stored one.
+fn record_headers(message: &OutboxMessage, traceparent: Option<&str>) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
-    if let Some(obj) = row.headers.as_object() {
-        for (k, v) in obj {
-            let value = match (k.as_str(), traceparent) {
-                ("traceparent", Some(tp)) => Some(tp),
-                _ => v.as_str(),
-            };
-            if let Some(s) = value {
-                headers = headers.insert(Header { key: k, value: Some(s.as_bytes()) });
-            }
-        }
+    for (k, v) in &message.headers {
+        let value = match (k.as_str(), traceparent) {
+            ("traceparent", Some(tp)) => tp,
+            _ => v.as_str(),
+        };
+        headers = headers.insert(Header { key: k, value: Some(value.as_bytes()) });
     }
     headers
 }
@@ -68,44 +67,46 @@ fn refused_for_good(e: &KafkaError) -> bool {
 /// What one round of publishing achieved.
 #[derive(Default)]
 struct Published {
-    /// Acknowledged by the broker.
+    /// Rows whose every message the broker acknowledged or refused for good.
     done: Vec<i64>,
-    /// Refused for good, with the reason.
-    parked: Vec<(i64, String)>,
+    /// Messages refused for good, with the reason.
+    parked: Vec<ParkedMessage>,
     /// A transient failure stopped the round; the rest is retried.
     stopped: bool,
 }
 
-/// Publishes rows concurrently (the idempotent producer keeps per-partition order)
-/// and keeps the longest prefix that the broker acknowledged or refused for good.
-/// Rows after a transient failure are retried next round: a duplicate is better
-/// than a reorder.
+/// Publishes the rows' messages concurrently (the idempotent producer keeps
+/// per-partition order) and keeps the longest prefix of rows that the broker
+/// acknowledged or refused for good. Rows from the first transient failure on
+/// are retried next round, whole: a duplicate is better than a reorder.
 async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
-    // When traces are exported, each row's publish is a span in the trace of the
-    // transfer that wrote it, and the message carries that span's context.
-    let spans: Vec<Option<tracing::Span>> = rows
+    let messages: Vec<(&OutboxRow, usize, &OutboxMessage)> =
+        rows.iter().flat_map(|row| row.messages.iter().enumerate().map(move |(i, m)| (row, i, m))).collect();
+    // When traces are exported, each message's publish is a span in the trace of
+    // the transfer that wrote it, and the message carries that span's context.
+    let spans: Vec<Option<tracing::Span>> = messages
         .iter()
-        .map(|row| {
+        .map(|(_, _, message)| {
             cardflow_telemetry::exporting().then(|| {
                 let span = tracing::info_span!(
                     "relay.publish",
-                    otel.name = format!("{} publish", row.topic),
+                    otel.name = format!("{} publish", message.topic),
                     otel.kind = "producer",
-                    messaging.destination.name = row.topic.as_str(),
+                    messaging.destination.name = message.topic.as_str(),
                 );
-                cardflow_telemetry::continue_trace(&span, row.headers.get("traceparent").and_then(|v| v.as_str()));
+                cardflow_telemetry::continue_trace(&span, message.headers.get("traceparent").map(String::as_str));
                 span
             })
         })
         .collect();
     let traceparents: Vec<Option<String>> =
         spans.iter().map(|s| s.as_ref().and_then(cardflow_telemetry::traceparent_of)).collect();
-    let sends = rows.iter().zip(&traceparents).map(|(row, traceparent)| {
-        let mut record = FutureRecord::to(&row.topic)
-            .key(&row.key)
-            .payload(&row.payload)
-            .headers(record_headers(row, traceparent.as_deref()));
-        if let Some(p) = row.partition {
+    let sends = messages.iter().zip(&traceparents).map(|((_, _, message), traceparent)| {
+        let mut record = FutureRecord::to(&message.topic)
+            .key(&message.key)
+            .payload(message.payload.get())
+            .headers(record_headers(message, traceparent.as_deref()));
+        if let Some(p) = message.partition {
             record = record.partition(p);
         }
         producer.send(record, Timeout::After(Duration::from_secs(10)))
@@ -114,22 +115,29 @@ async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
     drop(spans);
     let metrics = Metrics::global();
     let mut out = Published { done: Vec::with_capacity(rows.len()), ..Published::default() };
-    for (row, result) in rows.iter().zip(results) {
+    let mut results = messages.iter().zip(results).peekable();
+    while let Some(((row, position, message), result)) = results.next() {
         match result {
-            Ok(_) => {
-                metrics.relay_published.with_label_values(&[&row.topic]).inc();
-                out.done.push(row.id);
-            }
+            Ok(_) => metrics.relay_published.with_label_values(&[&message.topic]).inc(),
             Err((e, _)) if refused_for_good(&e) => {
-                tracing::error!(error = %e, id = row.id, topic = row.topic, "the broker refuses this outbox row for good; parked");
-                metrics.relay_parked.with_label_values(&[&row.topic]).inc();
-                out.parked.push((row.id, e.to_string()));
+                tracing::error!(error = %e, outbox_id = row.id, position, topic = message.topic, "the broker refuses this message for good; parked");
+                metrics.relay_parked.with_label_values(&[&message.topic]).inc();
+                out.parked.push(ParkedMessage {
+                    outbox_id: row.id,
+                    position: *position as i32,
+                    message: (*message).clone(),
+                    reason: e.to_string(),
+                });
             }
             Err((e, _)) => {
-                tracing::warn!(error = %e, id = row.id, topic = row.topic, "publish failed; will retry");
+                tracing::warn!(error = %e, outbox_id = row.id, topic = message.topic, "publish failed; will retry");
                 out.stopped = true;
                 break;
             }
+        }
+        let row_ends = results.peek().is_none_or(|((next, _, _), _)| next.id != row.id);
+        if row_ends {
+            out.done.push(row.id);
         }
     }
     out
@@ -229,20 +237,21 @@ pub async fn run_relay(
                 let started = Instant::now();
                 let published = publish(&producer, &rows).await;
                 metrics.relay_publish_duration.observe(started.elapsed().as_secs_f64());
+                // Parked messages are recorded before their row counts as handled.
+                if !published.parked.is_empty() {
+                    while let Err(e) = outbox::park(&pool, &published.parked).await {
+                        tracing::warn!(error = %e, "parking outbox messages failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
                 if !published.done.is_empty() {
                     while let Err(e) = outbox::mark_published(&pool, &published.done).await {
                         tracing::warn!(error = %e, "marking published failed; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-                if !published.parked.is_empty() {
-                    while let Err(e) = outbox::park(&pool, &published.parked).await {
-                        tracing::warn!(error = %e, "parking outbox rows failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                }
-                if !published.stopped && rows.len() as i64 == config.batch {
-                    continue; // more waiting
+                if !published.stopped {
+                    continue; // more may be waiting; an empty read ends the burst
                 }
                 if published.stopped {
                     tokio::time::sleep(Duration::from_millis(500)).await;
