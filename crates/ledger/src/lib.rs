@@ -72,9 +72,22 @@ impl LedgerError {
 /// transactions; the gateway many short reads.
 pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, LedgerError> {
     let options = PgConnectOptions::from_str(database_url)?.application_name("cardflow");
+    // sqlx pings every connection it hands out by default: a second round trip per
+    // query on the gateway's hot path. Only a connection idle long enough for a
+    // firewall or a server restart to have dropped it is checked first.
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for < Duration::from_secs(10) {
+                    return Ok(true);
+                }
+                use sqlx::Connection;
+                Ok(conn.ping().await.is_ok())
+            })
+        })
         .connect_with(options)
         .await?;
     Ok(pool)
