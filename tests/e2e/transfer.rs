@@ -239,3 +239,49 @@ async fn repeats_inside_one_batch_are_answered_from_the_first_and_a_changed_body
     assert_eq!(balance(&pool, m.card(0)).await, dec(700), "the money moved once");
     assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_request_another_worker_stores_while_this_one_decides_it_is_answered_as_a_repeat_and_moves_no_money() {
+    use cardflow_ledger::batch::{apply_resilient, IncomingCommand, RetryPolicy};
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: false, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cmd = command(&m, 0, 1, Some(100), 0, &sys);
+    // The other worker (a partition moving between two) has stored the request in
+    // a transaction it has not committed yet: this worker cannot see it and decides.
+    let mut other = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO transfers (transfer_id, asp_id, correlation_id, fingerprint, user_id, from_card_no, to_card_no,
+                                requested_amount, submitted_at, status, result_code, result_message, decided_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 100, now(), 'REJECTED', '017_002', 'decided by the other worker', now())",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(cmd.asp_id.as_str())
+    .bind(cmd.correlation_id.as_str())
+    .bind(&cmd.fingerprint)
+    .bind(rust_decimal::Decimal::from(m.user_id))
+    .bind(m.card(0))
+    .bind(m.card(1))
+    .execute(&mut *other)
+    .await
+    .unwrap();
+
+    let applying = {
+        let pool = pool.clone();
+        let batch = vec![IncomingCommand { command: cmd.clone(), traceparent: None }];
+        let topics = cardflow_ledger::OutboxTopics {
+            card_balance: sys.bus.topics.card_balance.clone(),
+            transfer_events: sys.bus.topics.transfer_events.clone(),
+        };
+        let today = chrono::Utc::now().date_naive();
+        tokio::spawn(async move { apply_resilient(&pool, &batch, &topics, today, RetryPolicy::default()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.commit().await.unwrap();
+    let report = applying.await.unwrap().unwrap();
+
+    assert!(report.results[0].repeat, "answered as a repeat");
+    assert_eq!(report.results[0].result.code, "017_002", "with the other worker's result");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+    assert!(entries(&pool, m.card(0)).await.is_empty(), "no money moved");
+}
