@@ -60,7 +60,7 @@ async fn every_role_exposes_the_key_series_with_plausible_values() {
     assert_eq!(sum_of(&relay, "cardflow_relay_published_total"), 14.0);
     let backlog = eventually(Duration::from_secs(15), "the backlog gauge", || async {
         let text = sys.metrics("relay").await;
-        sample(&text, "cardflow_outbox_backlog_rows").filter(|v| *v == 0.0)
+        sample(&text, "cardflow_outbox_backlog_messages").filter(|v| *v == 0.0)
     })
     .await;
     assert_eq!(backlog, 0.0);

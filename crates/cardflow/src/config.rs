@@ -117,7 +117,7 @@ pub struct WorkerArgs {
     #[arg(long, env = "WORKER_GROUP_ID", default_value = "cardflow-worker")]
     pub worker_group_id: String,
     /// Most commands applied in one transaction.
-    #[arg(long, env = "WORKER_MAX_BATCH", default_value_t = 500)]
+    #[arg(long, env = "WORKER_MAX_BATCH", default_value_t = 2000)]
     pub worker_max_batch: usize,
     /// How long to gather a batch after its first command.
     #[arg(long, env = "WORKER_BATCH_LINGER_MS", default_value_t = 2)]

@@ -210,7 +210,7 @@ impl Metrics {
             ),
             outbox_backlog: reg(
                 &r,
-                IntGauge::new("cardflow_outbox_backlog_rows", "Outbox rows not yet published").unwrap(),
+                IntGauge::new("cardflow_outbox_backlog_messages", "Outbox messages not yet published").unwrap(),
             ),
             outbox_oldest_age: reg(
                 &r,
@@ -219,7 +219,7 @@ impl Metrics {
             relay_published: reg(
                 &r,
                 IntCounterVec::new(
-                    Opts::new("cardflow_relay_published_total", "Outbox rows published, by topic"),
+                    Opts::new("cardflow_relay_published_total", "Outbox messages published, by topic"),
                     &["topic"],
                 )
                 .unwrap(),
