@@ -95,17 +95,30 @@ pub async fn find_many<'e>(
     Ok(out)
 }
 
-pub async fn find<'e>(
-    db: impl PgExecutor<'e>,
+/// The request's transfer, if one is stored, and the fingerprint it was submitted
+/// with, if a gateway recorded it. One round trip for both tables: on the gateway's
+/// hot path every query is a send and a wake-up, which is where `make bench` found
+/// its CPU going.
+async fn read_request(
+    pool: &sqlx::PgPool,
     asp_id: &str,
     correlation_id: &str,
-) -> Result<Option<StoredTransfer>, LedgerError> {
-    let row = sqlx::query(&format!("SELECT {COLUMNS} FROM transfers WHERE asp_id = $1 AND correlation_id = $2"))
-        .bind(asp_id)
-        .bind(correlation_id)
-        .fetch_optional(db)
-        .await?;
-    Ok(row.as_ref().map(from_row).transpose()?)
+) -> Result<(Option<StoredTransfer>, Option<String>), LedgerError> {
+    let row = sqlx::query(&format!(
+        "SELECT {COLUMNS},
+                (SELECT fingerprint FROM submissions WHERE asp_id = $1 AND correlation_id = $2) AS submitted_fingerprint
+         FROM (SELECT 1) AS k
+         LEFT JOIN transfers ON transfers.asp_id = $1 AND transfers.correlation_id = $2"
+    ))
+    .bind(asp_id)
+    .bind(correlation_id)
+    .fetch_one(pool)
+    .await?;
+    let transfer = match row.try_get::<Option<Uuid>, _>("transfer_id")? {
+        Some(_) => Some(from_row(&row)?),
+        None => None,
+    };
+    Ok((transfer, row.try_get("submitted_fingerprint")?))
 }
 
 /// What is known of a request when it arrives at a gateway.
@@ -125,27 +138,14 @@ pub enum Submission {
 /// What is known of a request before it is published. Read-only: the submission
 /// is recorded only after Kafka acknowledged the command ([`record_submission`]),
 /// so a gateway that dies before publishing leaves no "pending" that never ends.
-/// One round trip for both tables: on the gateway's hot path every query is a
-/// send and a wake-up, which is where `make bench` found its CPU going.
 pub async fn lookup(
     pool: &sqlx::PgPool,
     asp_id: &str,
     correlation_id: &str,
     fingerprint: &str,
 ) -> Result<Submission, LedgerError> {
-    let row = sqlx::query(
-        "SELECT t.transfer_id, t.asp_id, t.correlation_id, t.fingerprint, t.status, t.result_code, t.result_message,
-                t.amount, t.decided_at, s.fingerprint AS submitted_fingerprint
-         FROM (SELECT $1::text AS asp_id, $2::text AS correlation_id) k
-         LEFT JOIN transfers t ON t.asp_id = k.asp_id AND t.correlation_id = k.correlation_id
-         LEFT JOIN submissions s ON s.asp_id = k.asp_id AND s.correlation_id = k.correlation_id",
-    )
-    .bind(asp_id)
-    .bind(correlation_id)
-    .fetch_one(pool)
-    .await?;
-    if row.try_get::<Option<Uuid>, _>("transfer_id")?.is_some() {
-        let t = from_row(&row)?;
+    let (transfer, submitted) = read_request(pool, asp_id, correlation_id).await?;
+    if let Some(t) = transfer {
         return Ok(if t.fingerprint != fingerprint {
             Submission::Conflict
         } else if t.is_decided() {
@@ -154,7 +154,7 @@ pub async fn lookup(
             Submission::InFlight
         });
     }
-    Ok(match row.try_get::<Option<String>, _>("submitted_fingerprint")? {
+    Ok(match submitted {
         None => Submission::New,
         Some(f) if f == fingerprint => Submission::InFlight,
         Some(_) => Submission::Conflict,
@@ -186,16 +186,9 @@ pub async fn status(
     asp_id: &str,
     correlation_id: &str,
 ) -> Result<Option<Submission>, LedgerError> {
-    if let Some(t) = find(pool, asp_id, correlation_id).await? {
-        if t.is_decided() {
-            return Ok(Some(Submission::Decided(t)));
-        }
+    let (transfer, submitted) = read_request(pool, asp_id, correlation_id).await?;
+    if let Some(t) = transfer.filter(StoredTransfer::is_decided) {
+        return Ok(Some(Submission::Decided(t)));
     }
-    let submitted: Option<i32> =
-        sqlx::query_scalar("SELECT 1 FROM submissions WHERE asp_id = $1 AND correlation_id = $2")
-            .bind(asp_id)
-            .bind(correlation_id)
-            .fetch_optional(pool)
-            .await?;
     Ok(submitted.map(|_| Submission::InFlight))
 }
