@@ -349,7 +349,8 @@ async fn insert_transfers(
     if decided.is_empty() {
         return Ok(());
     }
-    decided.sort_by(|a, b| key_of(&batch[a.0].command).cmp(&key_of(&batch[b.0].command)));
+    let key = |i: usize| (batch[i].command.asp_id.as_str(), batch[i].command.correlation_id.as_str());
+    decided.sort_by(|a, b| key(a.0).cmp(&key(b.0)));
     let commands = || decided.iter().map(|(i, _)| &batch[*i].command);
     let results = || decided.iter().map(|(_, r)| r);
     let ids: Vec<Uuid> = results().map(|r| r.transfer_id.expect("decided transfers have an id")).collect();

@@ -10,7 +10,6 @@
 //! share of the database's time after the ledger entries themselves.
 
 use crate::LedgerError;
-use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sqlx::{PgPool, Postgres, Row, Transaction};
@@ -54,7 +53,6 @@ impl OutboxMessage {
 pub struct OutboxRow {
     pub id: i64,
     pub messages: Vec<OutboxMessage>,
-    pub created_at: DateTime<Utc>,
 }
 
 /// Writes the messages of one transaction as one row.
@@ -75,7 +73,7 @@ pub async fn insert(tx: &mut Transaction<'_, Postgres>, messages: &[OutboxMessag
 /// `messages` messages before the last one (so always at least one row).
 pub async fn unpublished(pool: &PgPool, messages: i64) -> Result<Vec<OutboxRow>, LedgerError> {
     let rows = sqlx::query(
-        "SELECT o.id, o.messages, o.created_at
+        "SELECT o.id, o.messages
          FROM (SELECT id, sum(message_count) OVER (ORDER BY id) - message_count AS before
                FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1000) w
          JOIN outbox o ON o.id = w.id
@@ -91,7 +89,7 @@ pub async fn unpublished(pool: &PgPool, messages: i64) -> Result<Vec<OutboxRow>,
             let text: &str = r.try_get("messages")?;
             let messages = serde_json::from_str(text)
                 .map_err(|e| LedgerError::Corrupt(format!("outbox row {id} does not decode: {e}")))?;
-            Ok(OutboxRow { id, messages, created_at: r.try_get("created_at")? })
+            Ok(OutboxRow { id, messages })
         })
         .collect()
 }
