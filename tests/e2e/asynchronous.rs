@@ -53,6 +53,29 @@ async fn respond_async_answers_202_at_once_and_the_status_query_gives_the_result
 }
 
 #[tokio::test]
+async fn a_request_sent_with_respond_async_gets_no_reply_message_and_its_status_query_gives_the_result() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let not_awaited = sign_post(&m.body(0, 1, Some(100)), None, false);
+    let awaited = sign_post(&m.body(0, 1, Some(200)), None, false);
+
+    assert_eq!(sys.send(&not_awaited, &[("Prefer", "respond-async")]).await.status, 202);
+    // Same sending card, so the same command partition: applied after the first,
+    // its reply comes after any reply the first could have had.
+    assert_eq!(sys.send(&awaited, &[]).await.code(), "000_000");
+
+    let replies = read_partitions(&sys.bus, &sys.bus.topics.results, &[0], Duration::from_secs(30), |seen| {
+        seen.iter().any(|(k, _, _)| *k == awaited.correlation_id)
+    })
+    .await;
+    assert!(replies.iter().any(|(k, _, _)| *k == awaited.correlation_id), "the awaited reply arrived");
+    assert!(!replies.iter().any(|(k, _, _)| *k == not_awaited.correlation_id), "no reply for the 202 request");
+    let status = sys.status(&not_awaited.correlation_id).await;
+    assert_eq!((status.status, status.code(), status.amount()), (200, "000_000", Some(dec(100))));
+}
+
+#[tokio::test]
 async fn a_status_query_for_an_unknown_request_is_404() {
     let sys = shared();
     let reply = sys.status(&fresh_correlation_id()).await;

@@ -120,6 +120,7 @@ pub fn command(
         fingerprint: request.fingerprint(),
         request,
         reply_to: ReplyAddress { topic: sys.bus.topics.results.clone(), partition: reply_partition },
+        awaits_reply: true,
         submitted_at: chrono::Utc::now(),
     }
 }

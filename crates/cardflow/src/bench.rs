@@ -515,6 +515,8 @@ async fn drain(env: &Env, roles: &mut Roles, picker: &Picker, commands: u64) -> 
             fingerprint: request.fingerprint(),
             request,
             reply_to: ReplyAddress { topic: env.bus.topics.results.clone(), partition: env.bus.reply_partitions - 1 },
+            // As a waiting gateway's command: the drain counts the reply's cost.
+            awaits_reply: true,
             submitted_at: chrono::Utc::now(),
         };
         let payload = serde_json::to_vec(&cmd)?;

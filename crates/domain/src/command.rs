@@ -30,7 +30,18 @@ pub struct TransferCommand {
     /// `TransferRequest::fingerprint`, so a reused correlation id can be told apart.
     pub fingerprint: String,
     pub reply_to: ReplyAddress,
+    /// Whether a gateway waits for the reply. A request sent with `Prefer:
+    /// respond-async` is answered `202` at once and its result read by status
+    /// query, so its command asks for no reply: one message less per transfer on
+    /// the broker and in the outbox. Absent (a gateway older than the field) means
+    /// a reply is wanted.
+    #[serde(default = "reply_awaited")]
+    pub awaits_reply: bool,
     pub submitted_at: DateTime<Utc>,
+}
+
+fn reply_awaited() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +141,7 @@ mod tests {
             },
             fingerprint: "f".into(),
             reply_to: ReplyAddress { topic: "transfer.results".into(), partition: 3 },
+            awaits_reply: false,
             submitted_at: Utc::now(),
         };
         let json = serde_json::to_string(&cmd).unwrap();
@@ -137,6 +149,14 @@ mod tests {
         assert!(json.contains("\"999999999999\""), "amounts travel as strings: {json}");
         let back: TransferCommand = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cmd);
+    }
+
+    #[test]
+    fn a_command_that_does_not_say_whether_a_reply_is_awaited_gets_one() {
+        let json = r#"{"schemaVersion":1,"aspId":"DEMOASP00000001","correlationId":"261124153000-00000a1",
+          "request":{"userId":1,"fromCardNo":"9410000000000001","toCardNo":"9410000000000002","amount":null},
+          "fingerprint":"f","replyTo":{"topic":"t","partition":0},"submittedAt":"2026-11-24T00:00:00Z"}"#;
+        assert!(serde_json::from_str::<TransferCommand>(json).unwrap().awaits_reply);
     }
 
     #[test]

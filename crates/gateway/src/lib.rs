@@ -334,9 +334,11 @@ async fn transfer(
         request,
         fingerprint,
         reply_to: ReplyAddress { topic: app.bus.topics.results.clone(), partition: app.config.reply_partition },
+        awaits_reply: !wants_async(headers),
         submitted_at: chrono::Utc::now(),
     };
-    let reply = app.replies.register(asp, corr);
+    // Registered before publishing, so a fast reply cannot be missed.
+    let reply = command.awaits_reply.then(|| app.replies.register(asp, corr));
     if let Err(e) = publish(app, &command, &traceparent).instrument(publish_span).await {
         tracing::error!(error = %e, "publishing the command failed");
         return Err(fail(ApiError::unavailable()));
@@ -347,9 +349,9 @@ async fn transfer(
         // would miss this row, and it answers 404 rather than lying.
         tracing::warn!(error = %e, "recording the submission failed");
     }
-    if wants_async(headers) {
+    let Some(reply) = reply else {
         return Ok((Answer::pending(corr), caller));
-    }
+    };
     let remaining = app.config.reply_deadline.saturating_sub(started.elapsed());
     match tokio::time::timeout(remaining, reply).await {
         Ok(Ok(result)) => {

@@ -81,15 +81,19 @@ fn headers(traceparent: &Option<String>) -> BTreeMap<String, String> {
     h
 }
 
-fn reply(incoming: &IncomingCommand, result: &TransferResult) -> OutboxMessage {
+/// The reply to the waiting gateway; none when no gateway waits.
+fn reply(incoming: &IncomingCommand, result: &TransferResult) -> Option<OutboxMessage> {
+    if !incoming.command.awaits_reply {
+        return None;
+    }
     let reply = &incoming.command.reply_to;
-    OutboxMessage::json(
+    Some(OutboxMessage::json(
         &reply.topic,
         Some(reply.partition),
         incoming.command.correlation_id.to_string(),
         headers(&incoming.traceparent),
         result,
-    )
+    ))
 }
 
 fn rejection(
@@ -322,7 +326,7 @@ pub async fn apply_batch(
                 .ok_or_else(|| LedgerError::Corrupt(format!("owner of {} vanished", cmd.correlation_id)))?;
             (answer_from(cmd, fingerprint, owner_result, now), true)
         };
-        writes.outbox.push(reply(incoming, &result));
+        writes.outbox.extend(reply(incoming, &result));
         report.results.push(AppliedResult { result, repeat });
     }
 
@@ -556,7 +560,7 @@ pub async fn record_failure(
             AppliedResult { result, repeat: false }
         }
     };
-    writes.outbox.push(reply(incoming, &applied.result));
+    writes.outbox.extend(reply(incoming, &applied.result));
     crate::outbox::insert(&mut tx, &writes.outbox).await?;
     tx.commit().await?;
     Ok(applied)
