@@ -4,6 +4,8 @@
 #   scripts/stack.sh up      start (or reuse) everything, write .stack/env
 #   scripts/stack.sh down    stop only what `up` started, remove .stack/env
 #   scripts/stack.sh status  show what is running
+#   scripts/stack.sh bench-broker       start a fresh broker for one bench run, print its address
+#   scripts/stack.sh bench-broker-down  stop it
 #
 # Then:  . .stack/env   (exports DATABASE_URL and KAFKA_BROKERS)
 #
@@ -366,7 +368,37 @@ cmd_up() {
     cat "$ENV_FILE"
 }
 
+# `make bench` measures against a broker of its own, started empty for every run:
+# Tansu's memory engine lists every stored batch of a partition on each fetch, so
+# it slows as it fills, and a run's figures would depend on how many runs (and
+# test suites) the shared broker had seen before (README, Performance).
+use_bench_broker() {
+    TANSU_PID="$STACK/bench-tansu.pid"
+    TANSU_LOG="$STACK/bench-tansu.log"
+    TANSU_PORT_FILE="$STACK/bench-tansu.port"
+    TANSU_URL_FILE="$STACK/bench-tansu.brokers"
+    TANSU_PORT_BASE=19192
+}
+
+cmd_bench_broker() {
+    mkdir -p "$STACK"
+    forget_own_env
+    # An external broker (KAFKA_BROKERS) is used as it is.
+    if [[ -z "${KAFKA_BROKERS:-}" ]]; then
+        use_bench_broker
+        tansu_stop quiet
+        tansu_up >&2
+    fi
+    echo "$KAFKA_BROKERS"
+}
+
+cmd_bench_broker_down() {
+    use_bench_broker
+    tansu_stop quiet
+}
+
 cmd_down() {
+    (cmd_bench_broker_down)
     tansu_stop
     pg_down
     # The *.url/brokers records are kept on purpose: see forget_own_env.
@@ -406,5 +438,7 @@ case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+    bench-broker) cmd_bench_broker ;;
+    bench-broker-down) cmd_bench_broker_down ;;
+    *) echo "usage: $0 up|down|status|bench-broker|bench-broker-down" >&2; exit 2 ;;
 esac
