@@ -763,12 +763,16 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         for v in &report.violations {
             eprintln!("VIOLATION {v}");
         }
-        eprintln!("bench FAILED: the ledger's invariants do not hold");
+        eprintln!("bench FAILED: the ledger's invariants do not hold; database {db} kept for inspection");
         return Ok(std::process::ExitCode::from(1));
     }
     if deadlocks > 0 || hot_failures > 0 {
-        eprintln!("bench FAILED: {deadlocks} deadlock(s), {hot_failures} hot-card failure(s)");
+        eprintln!("bench FAILED: {deadlocks} deadlock(s), {hot_failures} hot-card failure(s); database {db} kept");
         return Ok(std::process::ExitCode::from(1));
     }
+    // A passing run's database holds nothing worth its disk (each run writes
+    // hundreds of megabytes of ledger, outbox and WAL).
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).execute(&admin).await?;
     Ok(std::process::ExitCode::SUCCESS)
 }
