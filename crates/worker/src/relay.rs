@@ -250,13 +250,11 @@ pub async fn run_relay(
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-                if !published.stopped {
-                    continue; // more may be waiting; an empty read ends the burst
-                }
                 if published.stopped {
+                    // A transient failure: give the broker a moment before the retry.
                     tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
                 }
+                continue; // more may be waiting; an empty read ends the burst
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
