@@ -96,9 +96,17 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
         String::from_utf8_lossy(&out.stderr)
     );
     let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    for field in
-        ["pgbench_tps", "drain_tps", "async_tps", "sync_p99_ms", "drain_vs_pgbench_ratio", "async_vs_pgbench_ratio"]
-    {
+    for field in [
+        "pgbench_tps",
+        "drain_tps",
+        "async_tps",
+        "sync_p99_ms",
+        "drain_vs_pgbench_ratio",
+        "async_vs_pgbench_ratio",
+        "ledger_tps",
+        "ledger_vs_pgbench_ratio",
+        "drain_vs_ledger_ratio",
+    ] {
         assert!(figures[field].as_f64().is_some_and(|v| v > 0.0), "{field} = {}", figures[field]);
     }
     assert_eq!(figures["audit_passed"], true);

@@ -15,6 +15,7 @@ use cardflow_domain::{
     AspId, CardNo, ClientTimeZone, CorrelationId, Money, ReplyAddress, TransferCommand, TransferRequest, UserId,
 };
 use cardflow_gateway::client::{self, Credentials, SignOptions};
+use cardflow_ledger::batch::{apply_batch, IncomingCommand};
 use clap::Args;
 use hdrhistogram::Histogram;
 use rand::Rng;
@@ -50,6 +51,9 @@ pub struct BenchArgs {
     /// Commands pre-loaded for the worker drain measurement.
     #[arg(long, default_value_t = 20_000)]
     drain_commands: u64,
+    /// Commands per transaction in the ledger ceiling, as the worker's batch.
+    #[arg(long, env = "WORKER_MAX_BATCH", default_value_t = 2000)]
+    ledger_batch: usize,
     /// pgbench run length in seconds (0 skips the reference).
     #[arg(long, default_value_t = 15)]
     pgbench_seconds: u64,
@@ -69,7 +73,7 @@ pub struct BenchArgs {
     #[arg(long)]
     rate: Option<f64>,
     /// Phases to run: `all`; `sync` (sync, half rate, hot card, sweep); `async`
-    /// (async end to end, worker drain).
+    /// (async end to end, worker drain, ledger ceiling).
     #[arg(long, default_value = "all", value_parser = ["all", "sync", "async"])]
     mode: String,
     /// Measure sync latency at 10% … 110% of the sync maximum and draw the chart.
@@ -520,6 +524,57 @@ async fn broker_round_trip(bus: &BusConfig, samples: usize) -> anyhow::Result<(f
     Ok((hist.value_at_quantile(0.5) as f64 / 1000.0, hist.value_at_quantile(0.99) as f64 / 1000.0))
 }
 
+/// A transfer command between two cards of one member, as a waiting gateway
+/// would publish it (so the drain and the ledger ceiling count the reply's cost).
+fn command(env: &Env, picker: &Picker) -> anyhow::Result<TransferCommand> {
+    let (m, f, t) = picker.pick(&mut rand::thread_rng());
+    let request = TransferRequest {
+        user_id: UserId::new(FIRST_USER + m)?,
+        from_card_no: CardNo::parse(&card_no(m, f))?,
+        to_card_no: CardNo::parse(&card_no(m, t))?,
+        amount: Some(Money::from_units(rand::thread_rng().gen_range(1..=100))),
+    };
+    Ok(TransferCommand {
+        schema_version: SCHEMA_VERSION,
+        asp_id: AspId::parse(ASP)?,
+        correlation_id: CorrelationId::parse(&unique_correlation_id())?,
+        fingerprint: request.fingerprint(),
+        request,
+        reply_to: ReplyAddress { topic: env.bus.topics.results.clone(), partition: env.bus.reply_partitions - 1 },
+        awaits_reply: true,
+        submitted_at: chrono::Utc::now(),
+    })
+}
+
+/// The ledger's own ceiling: the worker's batch transaction
+/// ([`cardflow_ledger::batch::apply_batch`]) called back to back on one connection
+/// with commands already in memory, in batches of `batch`. No broker, no decoding,
+/// no relay: what the drain would reach if Kafka and the rest cost nothing, and so
+/// how much of the gap to pgbench is the ledger's own work. Its outbox rows stay
+/// unpublished (no relay runs after it) and go with the bench database.
+async fn ledger_ceiling(env: &Env, picker: &Picker, commands: u64, batch: usize) -> anyhow::Result<f64> {
+    let env = &env.phase("ledger");
+    let pool = cardflow_ledger::connect(&env.database_url, 1).await?;
+    let topics = cardflow_ledger::OutboxTopics {
+        card_balance: env.bus.topics.card_balance.clone(),
+        transfer_events: env.bus.topics.transfer_events.clone(),
+    };
+    let incoming = (0..commands)
+        .map(|_| Ok(IncomingCommand { command: command(env, picker)?, traceparent: None }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let today = chrono::Utc::now().date_naive();
+    let started = Instant::now();
+    for chunk in incoming.chunks(batch.max(1)) {
+        let report = apply_batch(&pool, chunk, &topics, today).await?;
+        if let Some(r) = report.results.iter().find(|r| r.repeat) {
+            bail!("ledger ceiling: {} was answered as a repeat", r.result.correlation_id);
+        }
+    }
+    let elapsed = started.elapsed();
+    pool.close().await;
+    Ok(commands as f64 / elapsed.as_secs_f64().max(0.001))
+}
+
 /// Pre-loads `commands` into a commands topic no worker reads yet, then starts a
 /// worker on it and times how fast it applies them. The drain uses topics and a
 /// consumer group of its own, so no running worker has to leave or join a group.
@@ -530,24 +585,7 @@ async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<f64>
     let progress = Progress::new(env)?;
     let mut sends = Vec::new();
     for _ in 0..commands {
-        let (m, f, t) = picker.pick(&mut rand::thread_rng());
-        let request = TransferRequest {
-            user_id: UserId::new(FIRST_USER + m)?,
-            from_card_no: CardNo::parse(&card_no(m, f))?,
-            to_card_no: CardNo::parse(&card_no(m, t))?,
-            amount: Some(Money::from_units(rand::thread_rng().gen_range(1..=100))),
-        };
-        let cmd = TransferCommand {
-            schema_version: SCHEMA_VERSION,
-            asp_id: AspId::parse(ASP)?,
-            correlation_id: CorrelationId::parse(&unique_correlation_id())?,
-            fingerprint: request.fingerprint(),
-            request,
-            reply_to: ReplyAddress { topic: env.bus.topics.results.clone(), partition: env.bus.reply_partitions - 1 },
-            // As a waiting gateway's command: the drain counts the reply's cost.
-            awaits_reply: true,
-            submitted_at: chrono::Utc::now(),
-        };
+        let cmd = command(env, picker)?;
         let payload = serde_json::to_vec(&cmd)?;
         let key = cmd.request.from_card_no.to_string();
         let producer = producer.clone();
@@ -636,7 +674,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         None => "closed loop".to_string(),
     };
     let (mut sync, mut sync_half, mut asynchronous, mut hot) = Default::default();
-    let (mut half_rate, mut async_tps, mut drain_tps) = (0.0, 0.0, 0.0);
+    let (mut half_rate, mut async_tps, mut drain_tps, mut ledger_tps) = (0.0, 0.0, 0.0, 0.0);
     let mut sweep = Vec::new();
     if run_sync {
         let (phase, roles) = start_phase(&env, "sync", a.workers, &picker).await?;
@@ -683,6 +721,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         eprintln!("bench: worker drain of {} pre-loaded commands …", a.drain_commands);
         drop(roles);
         drain_tps = drain(&env, &picker, a.drain_commands).await?;
+        eprintln!("bench: ledger ceiling, {} commands through the batch transaction alone …", a.drain_commands);
+        ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch).await?;
     }
     let deadlocks: i64 =
         sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
@@ -711,6 +751,9 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     figures.insert("drain_tps".into(), json!(drain_tps));
     figures.insert("drain_vs_pgbench_ratio".into(), json!(ratio(drain_tps)));
     figures.insert("async_vs_pgbench_ratio".into(), json!(ratio(async_tps)));
+    figures.insert("ledger_tps".into(), json!(ledger_tps));
+    figures.insert("ledger_vs_pgbench_ratio".into(), json!(ratio(ledger_tps)));
+    figures.insert("drain_vs_ledger_ratio".into(), json!(if ledger_tps > 0.0 { drain_tps / ledger_tps } else { 0.0 }));
     figures.insert("sync_half_rate".into(), json!(half_rate));
     figures.insert("audit_passed".into(), json!(report.passed()));
     figures.insert("conserved".into(), json!(conserved));
@@ -757,9 +800,11 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     }
     println!("{:<34} {:>10.0}", "async applied end to end", async_tps);
     println!("{:<34} {:>10.0}", "worker drain (commands/s)", drain_tps);
+    println!("{:<34} {:>10.0}", "ledger ceiling (commands/s)", ledger_tps);
     println!("{:<34} {:>10.0}", "pgbench TPC-B -c 8 -j 2 (tps)", pgbench_tps);
     println!("{:<34} {:>10.2}", "drain / pgbench", ratio(drain_tps));
     println!("{:<34} {:>10.2}", "async applied / pgbench", ratio(async_tps));
+    println!("{:<34} {:>10.2}", "ledger ceiling / pgbench", ratio(ledger_tps));
     println!("{:<34} {:>10.1} / {:.1}", "broker round trip p50 / p99 (ms)", rtt_p50, rtt_p99);
     println!(
         "result codes (sync): {:?}; hot card: {:?}; transport errors: {}",
