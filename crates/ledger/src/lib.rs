@@ -39,6 +39,9 @@ pub enum LedgerError {
     Fixture(String),
     #[error("stored data is inconsistent: {0}")]
     Corrupt(String),
+    /// The task serializing a batch's outbox row did not finish (it panicked).
+    #[error("preparing the outbox row: {0}")]
+    OutboxRow(String),
     /// Another worker stored some of the batch's requests while this one decided
     /// them (a partition moving between workers); a retry answers them as repeats.
     #[error("{taken} request(s) of the batch were stored by another worker meanwhile")]

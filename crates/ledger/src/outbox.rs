@@ -29,23 +29,43 @@ pub struct OutboxMessage {
     pub payload: Box<RawValue>,
 }
 
-impl OutboxMessage {
-    /// A message whose payload is `value` serialized as JSON.
-    pub fn json<T: Serialize>(
-        topic: &str,
-        partition: Option<i32>,
-        key: String,
-        headers: BTreeMap<String, String>,
-        value: &T,
-    ) -> OutboxMessage {
-        OutboxMessage {
-            topic: topic.to_string(),
-            partition,
-            key,
-            headers,
-            payload: serde_json::value::to_raw_value(value).expect("outbox payloads serialize"),
+/// A message on its way into the outbox, its payload still a value: the batch
+/// transaction serializes a whole row of these on a blocking thread while its other
+/// statements run in Postgres (see [`row_text`]). It serializes exactly as an
+/// [`OutboxMessage`] with the same content, which is how the relay reads it back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Announcement<P: Serialize> {
+    pub topic: String,
+    pub partition: Option<i32>,
+    pub key: String,
+    pub headers: EventHeaders,
+    pub payload: P,
+}
+
+/// The headers every message the ledger announces carries: `content-type`,
+/// `schema-version` and, when the command brought one, `traceparent` (in that
+/// order, as an [`OutboxMessage`]'s sorted map has them).
+#[derive(Debug, Clone, Default)]
+pub struct EventHeaders {
+    pub traceparent: Option<String>,
+}
+
+impl Serialize for EventHeaders {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(2 + usize::from(self.traceparent.is_some())))?;
+        map.serialize_entry("content-type", "application/json")?;
+        map.serialize_entry("schema-version", &cardflow_domain::command::SCHEMA_VERSION.to_string())?;
+        if let Some(tp) = &self.traceparent {
+            map.serialize_entry("traceparent", tp)?;
         }
+        map.end()
     }
+}
+
+/// The `messages` text of one outbox row.
+pub fn row_text<P: Serialize>(messages: &[Announcement<P>]) -> String {
+    serde_json::to_string(messages).expect("outbox messages serialize")
 }
 
 /// An unpublished row as the relay reads it.
@@ -55,15 +75,15 @@ pub struct OutboxRow {
     pub messages: Vec<OutboxMessage>,
 }
 
-/// Writes the messages of one transaction as one row.
-pub async fn insert(tx: &mut Transaction<'_, Postgres>, messages: &[OutboxMessage]) -> Result<(), LedgerError> {
-    if messages.is_empty() {
+/// Writes the messages of one transaction as one row: `text` is their
+/// [`row_text`], `count` how many they are.
+pub async fn insert(tx: &mut Transaction<'_, Postgres>, text: String, count: usize) -> Result<(), LedgerError> {
+    if count == 0 {
         return Ok(());
     }
-    let text = serde_json::to_string(messages).expect("outbox messages serialize");
     sqlx::query("INSERT INTO outbox (messages, message_count) VALUES ($1, $2)")
         .bind(text)
-        .bind(messages.len() as i32)
+        .bind(count as i32)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -160,4 +180,52 @@ pub async fn purge_published(pool: &PgPool, older_than_secs: i64) -> Result<u64,
         .execute(pool)
         .await?;
     Ok(r.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_announcement_reads_back_as_the_outbox_message_the_relay_publishes() {
+        let announced = [
+            Announcement {
+                topic: "card.balance".to_string(),
+                partition: None,
+                key: "9410000000000001".to_string(),
+                headers: EventHeaders {
+                    traceparent: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into()),
+                },
+                payload: serde_json::json!({"cardNo": "9410000000000001", "delta": "-100"}),
+            },
+            Announcement {
+                topic: "transfer.results".to_string(),
+                partition: Some(3),
+                key: "corr-1".to_string(),
+                headers: EventHeaders { traceparent: None },
+                payload: serde_json::json!({"code": "000_000"}),
+            },
+        ];
+        let read: Vec<OutboxMessage> = serde_json::from_str(&row_text(&announced)).unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(
+            (read[0].topic.as_str(), read[0].partition, read[0].key.as_str()),
+            ("card.balance", None, "9410000000000001")
+        );
+        assert_eq!(
+            read[0].headers,
+            BTreeMap::from([
+                ("content-type".to_string(), "application/json".to_string()),
+                ("schema-version".to_string(), cardflow_domain::command::SCHEMA_VERSION.to_string()),
+                ("traceparent".to_string(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_string()),
+            ])
+        );
+        assert_eq!(read[0].payload.get(), r#"{"cardNo":"9410000000000001","delta":"-100"}"#);
+        assert_eq!(
+            (read[1].topic.as_str(), read[1].partition, read[1].key.as_str()),
+            ("transfer.results", Some(3), "corr-1")
+        );
+        assert_eq!(read[1].headers.len(), 2, "no traceparent header without a trace");
+        assert_eq!(read[1].payload.get(), r#"{"code":"000_000"}"#);
+    }
 }
