@@ -49,7 +49,7 @@ pub struct BenchArgs {
     #[arg(long, default_value = "zipf")]
     skew: String,
     /// Commands pre-loaded for the worker drain measurement.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     drain_commands: u64,
     /// Commands per transaction in the ledger ceiling, as the worker's batch.
     #[arg(long, env = "WORKER_MAX_BATCH", default_value_t = 2000)]
