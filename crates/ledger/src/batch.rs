@@ -339,15 +339,14 @@ pub async fn apply_batch(
     //    instead of holding the cards' locks longer: `make bench` showed the
     //    worker and its backend taking turns, each idle while the other worked.
     let announcements = std::mem::take(&mut writes.outbox);
-    let announced = announcements.len();
-    let outbox_row = tokio::task::spawn_blocking(move || crate::outbox::row_text(&announcements));
+    let outbox_row = tokio::task::spawn_blocking(move || crate::outbox::prepare(&announcements));
     insert_transfers(&mut tx, batch, &mut writes.decided).instrument(db_span("write transfers")).await?;
     let touched: Vec<&CardView> =
         cards.values().filter(|c| original_sequences.get(&c.card_no) != Some(&c.sequence)).collect();
     write_cards(&mut tx, &touched).instrument(db_span("write cards")).await?;
     write_entries(&mut tx, &writes.entries, now).instrument(db_span("write ledger entries")).await?;
-    let outbox_text = outbox_row.await.map_err(|e| LedgerError::OutboxRow(e.to_string()))?;
-    crate::outbox::insert(&mut tx, outbox_text, announced).instrument(db_span("write outbox")).await?;
+    let outbox_row = outbox_row.await.map_err(|e| LedgerError::OutboxRow(e.to_string()))?;
+    crate::outbox::insert(&mut tx, outbox_row).instrument(db_span("write outbox")).await?;
     tx.commit().instrument(db_span("commit")).await?;
     Ok(report)
 }
@@ -572,7 +571,7 @@ pub async fn record_failure(
         }
     };
     writes.outbox.extend(reply(incoming, &applied.result));
-    crate::outbox::insert(&mut tx, crate::outbox::row_text(&writes.outbox), writes.outbox.len()).await?;
+    crate::outbox::insert(&mut tx, crate::outbox::prepare(&writes.outbox)).await?;
     tx.commit().await?;
     Ok(applied)
 }

@@ -31,7 +31,7 @@ pub struct OutboxMessage {
 
 /// A message on its way into the outbox, its payload still a value: the batch
 /// transaction serializes a whole row of these on a blocking thread while its other
-/// statements run in Postgres (see [`row_text`]). It serializes exactly as an
+/// statements run in Postgres (see [`prepare`]). It serializes exactly as an
 /// [`OutboxMessage`] with the same content, which is how the relay reads it back.
 #[derive(Debug, Clone, Serialize)]
 pub struct Announcement<P: Serialize> {
@@ -45,7 +45,7 @@ pub struct Announcement<P: Serialize> {
 /// The headers every message the ledger announces carries: `content-type`,
 /// `schema-version` and, when the command brought one, `traceparent` (in that
 /// order, as an [`OutboxMessage`]'s sorted map has them).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct EventHeaders {
     pub traceparent: Option<String>,
 }
@@ -63,9 +63,15 @@ impl Serialize for EventHeaders {
     }
 }
 
-/// The `messages` text of one outbox row.
-pub fn row_text<P: Serialize>(messages: &[Announcement<P>]) -> String {
-    serde_json::to_string(messages).expect("outbox messages serialize")
+/// One transaction's messages, serialized as the row's `messages` text.
+#[derive(Debug)]
+pub struct PreparedRow {
+    text: String,
+    count: usize,
+}
+
+pub fn prepare<P: Serialize>(messages: &[Announcement<P>]) -> PreparedRow {
+    PreparedRow { text: serde_json::to_string(messages).expect("outbox messages serialize"), count: messages.len() }
 }
 
 /// An unpublished row as the relay reads it.
@@ -75,15 +81,14 @@ pub struct OutboxRow {
     pub messages: Vec<OutboxMessage>,
 }
 
-/// Writes the messages of one transaction as one row: `text` is their
-/// [`row_text`], `count` how many they are.
-pub async fn insert(tx: &mut Transaction<'_, Postgres>, text: String, count: usize) -> Result<(), LedgerError> {
-    if count == 0 {
+/// Writes the messages of one transaction as one row; none, no row.
+pub async fn insert(tx: &mut Transaction<'_, Postgres>, row: PreparedRow) -> Result<(), LedgerError> {
+    if row.count == 0 {
         return Ok(());
     }
     sqlx::query("INSERT INTO outbox (messages, message_count) VALUES ($1, $2)")
-        .bind(text)
-        .bind(count as i32)
+        .bind(row.text)
+        .bind(row.count as i32)
         .execute(&mut **tx)
         .await?;
     Ok(())
@@ -206,7 +211,9 @@ mod tests {
                 payload: serde_json::json!({"code": "000_000"}),
             },
         ];
-        let read: Vec<OutboxMessage> = serde_json::from_str(&row_text(&announced)).unwrap();
+        let row = prepare(&announced);
+        assert_eq!(row.count, 2);
+        let read: Vec<OutboxMessage> = serde_json::from_str(&row.text).unwrap();
         assert_eq!(read.len(), 2);
         assert_eq!(
             (read[0].topic.as_str(), read[0].partition, read[0].key.as_str()),
