@@ -6,8 +6,8 @@
 //!    workers never wait on each other in a cycle.
 //! 3. Decide and apply the commands in offset order in memory: a later command sees
 //!    the balances the earlier ones left.
-//! 4. Insert the decided transfers (in key order), then write cards, ledger entries
-//!    and the batch's one outbox row with one set-based statement each, and commit.
+//! 4. Write the decided transfers (in key order), the cards and the ledger entries
+//!    in one statement, then the batch's one outbox row, and commit.
 //!
 //! The caller commits Kafka offsets only after this returns, so a crash anywhere
 //! repeats the batch; a repeated command finds its stored transfer and moves no
@@ -340,27 +340,34 @@ pub async fn apply_batch(
     //    worker and its backend taking turns, each idle while the other worked.
     let announcements = std::mem::take(&mut writes.outbox);
     let outbox_row = tokio::task::spawn_blocking(move || crate::outbox::prepare(&announcements));
-    insert_transfers(&mut tx, batch, &mut writes.decided).instrument(db_span("write transfers")).await?;
     let touched: Vec<&CardView> =
         cards.values().filter(|c| original_sequences.get(&c.card_no) != Some(&c.sequence)).collect();
-    write_cards(&mut tx, &touched).instrument(db_span("write cards")).await?;
-    write_entries(&mut tx, &writes.entries, now).instrument(db_span("write ledger entries")).await?;
+    write_decisions(&mut tx, batch, &mut writes.decided, &touched, &writes.entries, now)
+        .instrument(db_span("write transfers, cards and ledger entries"))
+        .await?;
     let outbox_row = outbox_row.await.map_err(|e| LedgerError::OutboxRow(e.to_string()))?;
     crate::outbox::insert(&mut tx, outbox_row).instrument(db_span("write outbox")).await?;
     tx.commit().instrument(db_span("commit")).await?;
     Ok(report)
 }
 
-/// Inserts decided transfers in key order (two workers inserting the same keys
-/// then wait on each other in one order, never in a cycle). A key someone else
-/// stored since step 1 fails the batch with [`LedgerError::KeyTaken`], so that its
-/// retry answers it as a repeat.
-async fn insert_transfers(
+/// Writes a batch's decisions in one statement, one round trip instead of three:
+/// the decided transfers in key order (two workers inserting the same keys then
+/// wait on each other in one order, never in a cycle), the cards they moved and
+/// their ledger entries. A key someone else stored since step 1 fails the batch
+/// with [`LedgerError::KeyTaken`], so that its retry answers it as a repeat; the
+/// statement's other writes go with the rolled-back transaction. At a few commands
+/// a batch (sync load) the round trips were most of a batch's time, and a batch
+/// that takes longer keeps the commands behind it waiting.
+async fn write_decisions(
     tx: &mut Transaction<'_, Postgres>,
     batch: &[IncomingCommand],
     decided: &mut [(usize, TransferResult)],
+    cards: &[&CardView],
+    entries: &[(Uuid, Uuid, Posting)],
+    now: DateTime<Utc>,
 ) -> Result<(), LedgerError> {
-    if decided.is_empty() {
+    if decided.is_empty() && cards.is_empty() && entries.is_empty() {
         return Ok(());
     }
     let key = |i: usize| (batch[i].command.asp_id.as_str(), batch[i].command.correlation_id.as_str());
@@ -386,13 +393,43 @@ async fn insert_transfers(
     let message: Vec<&str> = results().map(|r| r.message.as_str()).collect();
     let amount: Vec<Option<Decimal>> = results().map(|r| r.amount.map(Money::get)).collect();
     let at: Vec<DateTime<Utc>> = results().map(|r| r.decided_at).collect();
-    let inserted = sqlx::query(
-        "INSERT INTO transfers (transfer_id, asp_id, correlation_id, fingerprint, user_id, from_card_no, to_card_no,
-                                requested_amount, submitted_at, status, result_code, result_message, amount, decided_at)
-         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[], $7::text[],
-                              $8::numeric[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::numeric[],
-                              $14::timestamptz[])
-         ON CONFLICT (asp_id, correlation_id) DO NOTHING",
+
+    let card_nos: Vec<String> = cards.iter().map(|c| c.card_no.to_string()).collect();
+    let balances: Vec<Decimal> = cards.iter().map(|c| c.balance.get()).collect();
+    let loaded: Vec<Decimal> = cards.iter().map(|c| c.total_loaded.get()).collect();
+    let card_seqs: Vec<i64> = cards.iter().map(|c| c.sequence).collect();
+
+    let entry_ids: Vec<Uuid> = entries.iter().map(|e| e.0).collect();
+    let entry_transfers: Vec<Uuid> = entries.iter().map(|e| e.1).collect();
+    let entry_cards: Vec<String> = entries.iter().map(|e| e.2.card_no.to_string()).collect();
+    let entry_users: Vec<Decimal> = entries.iter().map(|e| Decimal::from(e.2.user_id.get())).collect();
+    let sides: Vec<&str> =
+        entries.iter().map(|e| if e.2.delta.is_sign_negative() { "DEBIT" } else { "CREDIT" }).collect();
+    let entry_amounts: Vec<Decimal> = entries.iter().map(|e| e.2.delta.abs()).collect();
+    let after: Vec<Decimal> = entries.iter().map(|e| e.2.balance_after.get()).collect();
+    let entry_seqs: Vec<i64> = entries.iter().map(|e| e.2.sequence).collect();
+
+    // Data-modifying CTEs all run, referenced or not, on one snapshot; none of the
+    // three reads what another writes.
+    let inserted: i64 = sqlx::query_scalar(
+        "WITH new_transfers AS (
+             INSERT INTO transfers (transfer_id, asp_id, correlation_id, fingerprint, user_id, from_card_no, to_card_no,
+                                    requested_amount, submitted_at, status, result_code, result_message, amount, decided_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[], $7::text[],
+                                  $8::numeric[], $9::timestamptz[], $10::text[], $11::text[], $12::text[], $13::numeric[],
+                                  $14::timestamptz[])
+             ON CONFLICT (asp_id, correlation_id) DO NOTHING
+             RETURNING 1
+         ), moved_cards AS (
+             UPDATE cards c SET balance = v.balance, total_loaded = v.total_loaded, sequence = v.sequence, updated_at = now()
+             FROM unnest($15::text[], $16::numeric[], $17::numeric[], $18::bigint[]) AS v(card_no, balance, total_loaded, sequence)
+             WHERE c.card_no = v.card_no
+         ), new_entries AS (
+             INSERT INTO ledger_entries (entry_id, transfer_id, card_no, user_id, side, amount, balance_after, sequence, created_at)
+             SELECT *, $27 FROM unnest($19::uuid[], $20::uuid[], $21::text[], $22::numeric[], $23::text[], $24::numeric[],
+                                       $25::numeric[], $26::bigint[])
+         )
+         SELECT count(*) FROM new_transfers",
     )
     .bind(&ids)
     .bind(&asp)
@@ -408,10 +445,23 @@ async fn insert_transfers(
     .bind(&message)
     .bind(&amount)
     .bind(&at)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
+    .bind(&card_nos)
+    .bind(&balances)
+    .bind(&loaded)
+    .bind(&card_seqs)
+    .bind(&entry_ids)
+    .bind(&entry_transfers)
+    .bind(&entry_cards)
+    .bind(&entry_users)
+    .bind(&sides)
+    .bind(&entry_amounts)
+    .bind(&after)
+    .bind(&entry_seqs)
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await?;
     let wanted = decided.len() as u64;
+    let inserted = inserted as u64;
     if inserted != wanted {
         return Err(LedgerError::KeyTaken { taken: wanted - inserted });
     }
@@ -490,63 +540,6 @@ async fn caller_affiliates(
     Ok(rows.iter().map(|r| (r.get::<String, _>(0), AffiliateId(r.get::<String, _>(1)))).collect())
 }
 
-async fn write_cards(tx: &mut Transaction<'_, Postgres>, cards: &[&CardView]) -> Result<(), LedgerError> {
-    if cards.is_empty() {
-        return Ok(());
-    }
-    let nos: Vec<String> = cards.iter().map(|c| c.card_no.to_string()).collect();
-    let balances: Vec<Decimal> = cards.iter().map(|c| c.balance.get()).collect();
-    let loaded: Vec<Decimal> = cards.iter().map(|c| c.total_loaded.get()).collect();
-    let seqs: Vec<i64> = cards.iter().map(|c| c.sequence).collect();
-    sqlx::query(
-        "UPDATE cards c SET balance = v.balance, total_loaded = v.total_loaded, sequence = v.sequence, updated_at = now()
-         FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::bigint[]) AS v(card_no, balance, total_loaded, sequence)
-         WHERE c.card_no = v.card_no",
-    )
-    .bind(&nos)
-    .bind(&balances)
-    .bind(&loaded)
-    .bind(&seqs)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
-async fn write_entries(
-    tx: &mut Transaction<'_, Postgres>,
-    entries: &[(Uuid, Uuid, Posting)],
-    now: DateTime<Utc>,
-) -> Result<(), LedgerError> {
-    if entries.is_empty() {
-        return Ok(());
-    }
-    let ids: Vec<Uuid> = entries.iter().map(|e| e.0).collect();
-    let transfers: Vec<Uuid> = entries.iter().map(|e| e.1).collect();
-    let cards: Vec<String> = entries.iter().map(|e| e.2.card_no.to_string()).collect();
-    let users: Vec<Decimal> = entries.iter().map(|e| Decimal::from(e.2.user_id.get())).collect();
-    let sides: Vec<&str> =
-        entries.iter().map(|e| if e.2.delta.is_sign_negative() { "DEBIT" } else { "CREDIT" }).collect();
-    let amounts: Vec<Decimal> = entries.iter().map(|e| e.2.delta.abs()).collect();
-    let after: Vec<Decimal> = entries.iter().map(|e| e.2.balance_after.get()).collect();
-    let seqs: Vec<i64> = entries.iter().map(|e| e.2.sequence).collect();
-    sqlx::query(
-        "INSERT INTO ledger_entries (entry_id, transfer_id, card_no, user_id, side, amount, balance_after, sequence, created_at)
-         SELECT *, $9 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::numeric[], $5::text[], $6::numeric[], $7::numeric[], $8::bigint[])",
-    )
-    .bind(&ids)
-    .bind(&transfers)
-    .bind(&cards)
-    .bind(&users)
-    .bind(&sides)
-    .bind(&amounts)
-    .bind(&after)
-    .bind(&seqs)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
-}
-
 /// Records a command that could not be applied for a reason that is not the
 /// caller's as `017_002`, in its own transaction, and queues its answer. A repeat
 /// of an already decided request gets the stored result instead.
@@ -566,7 +559,7 @@ pub async fn record_failure(
             let now = Utc::now().trunc_subsecs(6);
             let result = rejection(cmd, Uuid::now_v7(), ResultCode::TransferFailed, None, now);
             writes.decided(0, incoming, &result, topics);
-            insert_transfers(&mut tx, std::slice::from_ref(incoming), &mut writes.decided).await?;
+            write_decisions(&mut tx, std::slice::from_ref(incoming), &mut writes.decided, &[], &[], now).await?;
             AppliedResult { result, repeat: false }
         }
     };
