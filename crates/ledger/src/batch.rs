@@ -333,11 +333,12 @@ pub async fn apply_batch(
         report.results.push(AppliedResult { result, repeat });
     }
 
-    // 4. Set-based writes. Transfers first: the ledger entries name them. The
-    //    outbox row (megabytes of JSON for a large batch) is serialized on a
-    //    blocking thread meanwhile, so that this CPU work overlaps Postgres's
-    //    instead of holding the cards' locks longer: `make bench` showed the
-    //    worker and its backend taking turns, each idle while the other worked.
+    // 4. Set-based writes: transfers, cards and ledger entries in one statement
+    //    (no foreign keys order them), then the outbox row. That row (megabytes of
+    //    JSON for a large batch) is serialized on a blocking thread meanwhile, so
+    //    that this CPU work overlaps Postgres's instead of holding the cards' locks
+    //    longer: `make bench` showed the worker and its backend taking turns, each
+    //    idle while the other worked.
     let announcements = std::mem::take(&mut writes.outbox);
     let outbox_row = tokio::task::spawn_blocking(move || crate::outbox::prepare(&announcements));
     let touched: Vec<&CardView> =
