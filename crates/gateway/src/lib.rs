@@ -13,6 +13,7 @@ pub mod client;
 pub mod crypto;
 pub mod error;
 pub mod replies;
+pub mod submissions;
 
 use crate::auth::{parse_headers, Authenticator, Caller, CORRELATION_ID, CRYPTO_KEY_ID};
 use crate::error::{body_json, ApiError};
@@ -29,7 +30,7 @@ use cardflow_bus::rdkafka::util::Timeout;
 use cardflow_bus::BusConfig;
 use cardflow_domain::command::SCHEMA_VERSION;
 use cardflow_domain::{ReplyAddress, ResultCode, TransferCommand, TransferRequest, TransferResult};
-use cardflow_ledger::transfers::{self, Submission};
+use cardflow_ledger::transfers::{self, RequestKey, Submission};
 use cardflow_telemetry::Metrics;
 use sqlx::PgPool;
 use std::net::SocketAddr;
@@ -52,7 +53,11 @@ pub struct GatewayConfig {
     /// How long a looked-up key is trusted before it is read again.
     pub key_cache_ttl: Duration,
     pub max_body_bytes: usize,
+    /// How long the producer of synchronous requests' commands waits to fill a batch.
     pub producer_linger_ms: u32,
+    /// The same for commands of `Prefer: respond-async` requests, whose callers do
+    /// not wait for the result: a longer wait makes fewer, larger produce batches.
+    pub async_producer_linger_ms: u32,
     /// Requests per second each ASP may send; `None` is no limit.
     pub rate_limit_per_asp: Option<std::num::NonZeroU32>,
 }
@@ -63,8 +68,12 @@ pub struct App {
     pub config: GatewayConfig,
     pub pool: PgPool,
     pub bus: BusConfig,
+    /// Publishes the commands of requests that wait for their result.
     pub producer: FutureProducer,
+    /// Publishes the commands of `respond-async` requests (see `async_producer_linger_ms`).
+    pub async_producer: FutureProducer,
     pub replies: Arc<ReplyRouter>,
+    pub submissions: submissions::SubmissionBook,
     pub auth: Authenticator,
     broker: cardflow_bus::BrokerProbe,
     limiter: Option<AspLimiter>,
@@ -73,6 +82,7 @@ pub struct App {
 /// Builds the gateway and starts its reply consumer.
 pub async fn build(config: GatewayConfig, pool: PgPool, bus: BusConfig) -> Result<Arc<App>, cardflow_bus::BusError> {
     let producer = bus.producer(config.producer_linger_ms)?;
+    let async_producer = bus.producer(config.async_producer_linger_ms)?;
     let replies = Arc::new(ReplyRouter::default());
     tokio::spawn({
         let (bus, replies, partition) = (bus.clone(), replies.clone(), config.reply_partition);
@@ -85,7 +95,8 @@ pub async fn build(config: GatewayConfig, pool: PgPool, bus: BusConfig) -> Resul
     let auth = Authenticator::new(pool.clone(), config.key_cache_ttl, config.time_window_secs);
     let limiter = config.rate_limit_per_asp.map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate)));
     let broker = cardflow_bus::BrokerProbe::new(&bus)?;
-    Ok(Arc::new(App { config, pool, bus, producer, replies, auth, broker, limiter }))
+    let submissions = submissions::SubmissionBook::start(pool.clone());
+    Ok(Arc::new(App { config, pool, bus, producer, async_producer, replies, submissions, auth, broker, limiter }))
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -311,7 +322,9 @@ async fn transfer(
     let fingerprint = request.fingerprint();
     let (asp, corr) = (caller.asp_id.as_str(), caller.correlation_id.as_str());
 
-    match transfers::lookup(&app.pool, asp, corr, &fingerprint).await.map_err(|e| fail(e.into()))? {
+    let key = RequestKey { asp_id: asp.to_string(), correlation_id: corr.to_string(), fingerprint: fingerprint.clone() };
+    let known = app.submissions.lookup(key.clone()).instrument(tracing::info_span!("lookup request")).await;
+    match known.map_err(fail)? {
         Submission::Conflict => return Err(fail(ApiError::new(ResultCode::CorrelationIdReused))),
         Submission::Decided(stored) => {
             return Ok((
@@ -344,7 +357,7 @@ async fn transfer(
         return Err(fail(ApiError::unavailable()));
     }
     let published_at = Instant::now();
-    if let Err(e) = transfers::record_submission(&app.pool, asp, corr, &command.fingerprint).await {
+    if let Err(e) = app.submissions.record(key).instrument(tracing::info_span!("record submission")).await {
         // The command is on its way; only a status query before it is applied
         // would miss this row, and it answers 404 rather than lying.
         tracing::warn!(error = %e, "recording the submission failed");
@@ -402,7 +415,10 @@ async fn publish(app: &App, command: &TransferCommand, traceparent: &str) -> Res
         (h::REPLY_PARTITION, partition.as_str()),
     ]);
     let record = FutureRecord::to(&app.bus.topics.commands).key(key).payload(&payload).headers(headers);
-    app.producer.send(record, Timeout::After(Duration::from_secs(5))).await.map_err(|(e, _)| e.to_string())?;
+    // Per card, order across the two producers does not matter: two requests
+    // in flight at once have no order to keep.
+    let producer = if command.awaits_reply { &app.producer } else { &app.async_producer };
+    producer.send(record, Timeout::After(Duration::from_secs(5))).await.map_err(|(e, _)| e.to_string())?;
     Metrics::global().commands_published.inc();
     Ok(())
 }

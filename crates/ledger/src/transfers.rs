@@ -55,7 +55,6 @@ impl StoredTransfer {
 
 const COLUMNS: &str =
     "transfer_id, asp_id, correlation_id, fingerprint, status, result_code, result_message, amount, decided_at";
-
 fn from_row(r: &sqlx::postgres::PgRow) -> Result<StoredTransfer, sqlx::Error> {
     Ok(StoredTransfer {
         transfer_id: r.try_get("transfer_id")?,
@@ -79,9 +78,15 @@ pub async fn find_many<'e>(
     }
     let asps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     let corrs: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    // `LATERAL … LIMIT 1` makes every key one index probe whatever the planner
+    // believes of the table: a plain join over `unnest` got a cached generic plan
+    // with a sequential scan of `transfers` while the table was new and never
+    // analyzed, and kept it as the table grew (README, Performance).
     let rows = sqlx::query(&format!(
-        "SELECT {COLUMNS} FROM transfers
-         WHERE (asp_id, correlation_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))"
+        "SELECT t.* FROM unnest($1::text[], $2::text[]) AS k(asp_id, correlation_id)
+         CROSS JOIN LATERAL (SELECT {COLUMNS} FROM transfers
+                             WHERE transfers.asp_id = k.asp_id AND transfers.correlation_id = k.correlation_id
+                             LIMIT 1) t"
     ))
     .bind(&asps)
     .bind(&corrs)
@@ -145,20 +150,75 @@ pub async fn lookup(
     fingerprint: &str,
 ) -> Result<Submission, LedgerError> {
     let (transfer, submitted) = read_request(pool, asp_id, correlation_id).await?;
+    Ok(judge(transfer, submitted, fingerprint))
+}
+
+/// A request as the gateway asks about it or records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestKey {
+    pub asp_id: String,
+    pub correlation_id: String,
+    pub fingerprint: String,
+}
+
+/// [`lookup`] for many requests in one round trip; the answers are in the order
+/// of `requests`. A key asked twice is answered twice. One index probe per key
+/// and table, as in [`find_many`].
+pub async fn lookup_many(pool: &sqlx::PgPool, requests: &[RequestKey]) -> Result<Vec<Submission>, LedgerError> {
+    if requests.is_empty() {
+        return Ok(Vec::new());
+    }
+    let asps: Vec<&str> = requests.iter().map(|r| r.asp_id.as_str()).collect();
+    let corrs: Vec<&str> = requests.iter().map(|r| r.correlation_id.as_str()).collect();
+    let rows = sqlx::query(&format!(
+        "SELECT k.i, t.*, s.fingerprint AS submitted_fingerprint
+         FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(asp_id, correlation_id, i)
+         LEFT JOIN LATERAL (SELECT {COLUMNS} FROM transfers
+                            WHERE transfers.asp_id = k.asp_id AND transfers.correlation_id = k.correlation_id
+                            LIMIT 1) t ON true
+         LEFT JOIN LATERAL (SELECT fingerprint FROM submissions
+                            WHERE submissions.asp_id = k.asp_id AND submissions.correlation_id = k.correlation_id
+                            LIMIT 1) s ON true"
+    ))
+    .bind(&asps)
+    .bind(&corrs)
+    .fetch_all(pool)
+    .await?;
+    let mut answers: Vec<Option<Submission>> = vec![None; requests.len()];
+    for r in &rows {
+        let i = r.try_get::<i64, _>("i")? as usize;
+        let transfer = match r.try_get::<Option<Uuid>, _>("transfer_id")? {
+            Some(_) => Some(from_row(r)?),
+            None => None,
+        };
+        let slot = answers
+            .get_mut(i.wrapping_sub(1))
+            .ok_or_else(|| LedgerError::Corrupt(format!("lookup answered for request {i} of {}", requests.len())))?;
+        *slot = Some(judge(transfer, r.try_get("submitted_fingerprint")?, &requests[i - 1].fingerprint));
+    }
+    answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| a.ok_or_else(|| LedgerError::Corrupt(format!("lookup did not answer request {}", i + 1))))
+        .collect()
+}
+
+/// What a request is, given what is stored under its key.
+fn judge(transfer: Option<StoredTransfer>, submitted: Option<String>, fingerprint: &str) -> Submission {
     if let Some(t) = transfer {
-        return Ok(if t.fingerprint != fingerprint {
+        return if t.fingerprint != fingerprint {
             Submission::Conflict
         } else if t.is_decided() {
             Submission::Decided(t)
         } else {
             Submission::InFlight
-        });
+        };
     }
-    Ok(match submitted {
+    match submitted {
         None => Submission::New,
         Some(f) if f == fingerprint => Submission::InFlight,
         Some(_) => Submission::Conflict,
-    })
+    }
 }
 
 /// Records that a command was published, for status queries on any gateway.
@@ -175,6 +235,32 @@ pub async fn record_submission(
     .bind(asp_id)
     .bind(correlation_id)
     .bind(fingerprint)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// [`record_submission`] for many commands in one statement. Rows are written in
+/// key order, so two batches that share a key (a client's retry landing in both)
+/// wait for each other instead of deadlocking.
+pub async fn record_submissions(pool: &sqlx::PgPool, requests: &[RequestKey]) -> Result<(), LedgerError> {
+    let mut rows: Vec<&RequestKey> = requests.iter().collect();
+    rows.sort_by(|a, b| (&a.asp_id, &a.correlation_id).cmp(&(&b.asp_id, &b.correlation_id)));
+    rows.dedup_by(|a, b| a.asp_id == b.asp_id && a.correlation_id == b.correlation_id);
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let asps: Vec<&str> = rows.iter().map(|r| r.asp_id.as_str()).collect();
+    let corrs: Vec<&str> = rows.iter().map(|r| r.correlation_id.as_str()).collect();
+    let fingerprints: Vec<&str> = rows.iter().map(|r| r.fingerprint.as_str()).collect();
+    sqlx::query(
+        "INSERT INTO submissions (asp_id, correlation_id, fingerprint)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+         ON CONFLICT (asp_id, correlation_id) DO NOTHING",
+    )
+    .bind(&asps)
+    .bind(&corrs)
+    .bind(&fingerprints)
     .execute(pool)
     .await?;
     Ok(())

@@ -78,6 +78,7 @@ pub struct Metrics {
     pub reply_fallbacks: IntCounter,
     pub waiting_requests: IntGauge,
     pub commands_published: IntCounter,
+    pub db_group_size: HistogramVec,
     pub commands_applied: IntCounterVec,
     pub batch_size: Histogram,
     pub batch_duration: Histogram,
@@ -154,6 +155,18 @@ impl Metrics {
                 &r,
                 IntCounter::new("cardflow_commands_published_total", "Transfer commands acknowledged by Kafka")
                     .unwrap(),
+            ),
+            db_group_size: reg(
+                &r,
+                HistogramVec::new(
+                    hist(
+                        "cardflow_gateway_db_group_size",
+                        "Requests served by one grouped gateway statement, by statement",
+                        vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0],
+                    ),
+                    &["statement"],
+                )
+                .unwrap(),
             ),
             commands_applied: reg(
                 &r,
