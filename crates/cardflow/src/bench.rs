@@ -38,6 +38,10 @@ pub struct BenchArgs {
     /// Concurrent clients of the load generator (closed loop).
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Concurrent clients of the async phase. An async request is answered once
+    /// Kafka has the command, so a backend keeps more of them in flight.
+    #[arg(long, default_value_t = 128)]
+    async_concurrency: usize,
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -620,6 +624,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         a.drain_commands = 500;
         a.pgbench_seconds = 2;
         a.concurrency = a.concurrency.min(8);
+        a.async_concurrency = a.async_concurrency.min(8);
     }
     let tag = format!("{}_{:06x}", chrono::Utc::now().format("%H%M%S"), rand::random::<u32>() & 0xffffff);
     let db = format!("cardflow_bench_{tag}");
@@ -712,7 +717,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         eprintln!("bench: async (Prefer: respond-async), {loop_kind} …");
         let progress = Progress::new(&phase)?;
         let started = Instant::now();
-        asynchronous = load(phase.http_port, picker.clone(), a.concurrency, d, true, a.rate).await;
+        asynchronous = load(phase.http_port, picker.clone(), a.async_concurrency, d, true, a.rate).await;
         let accepted = *asynchronous.codes.get("000_009").unwrap_or(&0) as i64;
         let produced = progress.produced()?;
         let (_, applied_at) = progress.wait_applied(0, produced, Duration::from_secs(600)).await?;
@@ -758,6 +763,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     figures.insert("audit_passed".into(), json!(report.passed()));
     figures.insert("conserved".into(), json!(conserved));
     figures.insert("concurrency".into(), json!(a.concurrency));
+    figures.insert("async_concurrency".into(), json!(a.async_concurrency));
     figures.insert("workers".into(), json!(a.workers));
     figures.insert("partitions".into(), json!(a.partitions));
     figures.insert("skew".into(), json!(a.skew));
@@ -775,8 +781,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
 
     println!();
     println!(
-        "cardflow bench ({} s phases, {} clients, {} skew, {} worker(s), {} partitions)",
-        a.duration, a.concurrency, a.skew, a.workers, a.partitions
+        "cardflow bench ({} s phases, {} clients sync, {} async, {} skew, {} worker(s), {} partitions)",
+        a.duration, a.concurrency, a.async_concurrency, a.skew, a.workers, a.partitions
     );
     println!(
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",

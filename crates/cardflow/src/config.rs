@@ -92,6 +92,10 @@ pub struct GatewayArgs {
     pub gateway_db_pool: u32,
     #[arg(long, env = "GATEWAY_LINGER_MS", default_value_t = 1)]
     pub gateway_linger_ms: u32,
+    /// The linger of `respond-async` commands: their callers only wait for Kafka's
+    /// acknowledgement, so batching them costs little and saves the broker work.
+    #[arg(long, env = "GATEWAY_ASYNC_LINGER_MS", default_value_t = 10)]
+    pub gateway_async_linger_ms: u32,
     /// Requests per second each ASP may send (a token bucket); 0 is no limit.
     #[arg(long, env = "RATE_LIMIT_PER_ASP", default_value_t = 0)]
     pub rate_limit_per_asp: u32,
@@ -107,6 +111,7 @@ impl GatewayArgs {
             key_cache_ttl: Duration::from_secs(self.key_cache_ttl_secs),
             max_body_bytes: 16 * 1024,
             producer_linger_ms: self.gateway_linger_ms,
+            async_producer_linger_ms: self.gateway_async_linger_ms,
             rate_limit_per_asp: std::num::NonZeroU32::new(self.rate_limit_per_asp),
         }
     }
