@@ -90,3 +90,33 @@ async fn null_and_zero_amounts_are_the_same_request() {
     assert_eq!(again.json, first.json);
     assert_eq!(balance(&pool, m.card(1)).await, dec(500));
 }
+
+/// The gateway asks Postgres about requests in groups; a burst lands in shared
+/// statements, and each request must still get its own answer.
+#[tokio::test]
+async fn a_burst_of_repeats_conflicts_and_new_requests_gets_each_its_own_answer() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(10_000), CardSpec::prepaid(0)]).await;
+    let decided = fresh_correlation_id();
+    let decided_body = m.body(0, 1, Some(100));
+    assert_eq!(sys.send(&sign_post(&decided_body, Some(decided.clone()), false), &[]).await.code(), "000_000");
+
+    let mut requests = Vec::new();
+    for i in 0..30 {
+        let (req, expect) = match i % 3 {
+            0 => (sign_post(&decided_body, Some(decided.clone()), false), "000_000"),
+            1 => (sign_post(&m.body(0, 1, Some(7)), Some(decided.clone()), false), "000_008"),
+            _ => (sign_post(&m.body(0, 1, Some(10)), None, false), "000_000"),
+        };
+        requests.push((req, expect));
+    }
+    let replies = futures::future::join_all(requests.iter().map(|(req, _)| sys.send(req, &[]))).await;
+
+    for ((_, expect), reply) in requests.iter().zip(&replies) {
+        assert_eq!(reply.code(), *expect, "{:?}", reply.json);
+    }
+    // The first transfer and the ten new ones; no repeat or conflict moved money.
+    assert_eq!(balance(&pool, m.card(0)).await, dec(10_000 - 100 - 10 * 10));
+    assert_eq!(entries(&pool, m.card(1)).await.len(), 11);
+}

@@ -322,7 +322,8 @@ async fn transfer(
     let fingerprint = request.fingerprint();
     let (asp, corr) = (caller.asp_id.as_str(), caller.correlation_id.as_str());
 
-    let key = RequestKey { asp_id: asp.to_string(), correlation_id: corr.to_string(), fingerprint: fingerprint.clone() };
+    let key =
+        RequestKey { asp_id: asp.to_string(), correlation_id: corr.to_string(), fingerprint: fingerprint.clone() };
     let known = app.submissions.lookup(key.clone()).instrument(tracing::info_span!("lookup request")).await;
     match known.map_err(fail)? {
         Submission::Conflict => return Err(fail(ApiError::new(ResultCode::CorrelationIdReused))),

@@ -101,9 +101,8 @@ pub async fn find_many<'e>(
 }
 
 /// The request's transfer, if one is stored, and the fingerprint it was submitted
-/// with, if a gateway recorded it. One round trip for both tables: on the gateway's
-/// hot path every query is a send and a wake-up, which is where `make bench` found
-/// its CPU going.
+/// with, if a gateway recorded it, in one round trip for both tables (a status
+/// query).
 async fn read_request(
     pool: &sqlx::PgPool,
     asp_id: &str,
@@ -140,19 +139,6 @@ pub enum Submission {
     Conflict,
 }
 
-/// What is known of a request before it is published. Read-only: the submission
-/// is recorded only after Kafka acknowledged the command ([`record_submission`]),
-/// so a gateway that dies before publishing leaves no "pending" that never ends.
-pub async fn lookup(
-    pool: &sqlx::PgPool,
-    asp_id: &str,
-    correlation_id: &str,
-    fingerprint: &str,
-) -> Result<Submission, LedgerError> {
-    let (transfer, submitted) = read_request(pool, asp_id, correlation_id).await?;
-    Ok(judge(transfer, submitted, fingerprint))
-}
-
 /// A request as the gateway asks about it or records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestKey {
@@ -161,9 +147,12 @@ pub struct RequestKey {
     pub fingerprint: String,
 }
 
-/// [`lookup`] for many requests in one round trip; the answers are in the order
-/// of `requests`. A key asked twice is answered twice. One index probe per key
-/// and table, as in [`find_many`].
+/// What is known of each request before it is published, in one round trip; the
+/// answers are in the order of `requests`, and a key asked twice is answered
+/// twice. Read-only: a submission is recorded only after Kafka acknowledged the
+/// command ([`record_submissions`]), so a gateway that dies before publishing
+/// leaves no "pending" that never ends. One index probe per key and table, as in
+/// [`find_many`].
 pub async fn lookup_many(pool: &sqlx::PgPool, requests: &[RequestKey]) -> Result<Vec<Submission>, LedgerError> {
     if requests.is_empty() {
         return Ok(Vec::new());
@@ -221,28 +210,9 @@ fn judge(transfer: Option<StoredTransfer>, submitted: Option<String>, fingerprin
     }
 }
 
-/// Records that a command was published, for status queries on any gateway.
-pub async fn record_submission(
-    pool: &sqlx::PgPool,
-    asp_id: &str,
-    correlation_id: &str,
-    fingerprint: &str,
-) -> Result<(), LedgerError> {
-    sqlx::query(
-        "INSERT INTO submissions (asp_id, correlation_id, fingerprint) VALUES ($1, $2, $3)
-         ON CONFLICT (asp_id, correlation_id) DO NOTHING",
-    )
-    .bind(asp_id)
-    .bind(correlation_id)
-    .bind(fingerprint)
-    .execute(pool)
-    .await?;
-    Ok(())
-}
-
-/// [`record_submission`] for many commands in one statement. Rows are written in
-/// key order, so two batches that share a key (a client's retry landing in both)
-/// wait for each other instead of deadlocking.
+/// Records that commands were published, for status queries on any gateway, in
+/// one statement. Rows are written in key order, so two groups that share a key (a
+/// client's retry landing in both) wait for each other instead of deadlocking.
 pub async fn record_submissions(pool: &sqlx::PgPool, requests: &[RequestKey]) -> Result<(), LedgerError> {
     let mut rows: Vec<&RequestKey> = requests.iter().collect();
     rows.sort_by(|a, b| (&a.asp_id, &a.correlation_id).cmp(&(&b.asp_id, &b.correlation_id)));
@@ -277,4 +247,55 @@ pub async fn status(
         return Ok(Some(Submission::Decided(t)));
     }
     Ok(submitted.map(|_| Submission::InFlight))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(fingerprint: &str, status: &str, code: Option<&str>) -> StoredTransfer {
+        StoredTransfer {
+            transfer_id: Uuid::nil(),
+            asp_id: "ASP".into(),
+            correlation_id: "C1".into(),
+            fingerprint: fingerprint.into(),
+            status: status.into(),
+            code: code.map(str::to_string),
+            message: None,
+            amount: None,
+            decided_at: None,
+        }
+    }
+
+    #[test]
+    fn a_request_nobody_has_seen_is_new() {
+        assert_eq!(judge(None, None, "f"), Submission::New);
+    }
+
+    #[test]
+    fn a_recorded_submission_with_the_same_body_is_in_flight() {
+        assert_eq!(judge(None, Some("f".into()), "f"), Submission::InFlight);
+    }
+
+    #[test]
+    fn a_recorded_submission_with_another_body_is_a_conflict() {
+        assert_eq!(judge(None, Some("g".into()), "f"), Submission::Conflict);
+    }
+
+    #[test]
+    fn a_decided_transfer_with_the_same_body_is_answered_from_the_ledger() {
+        let t = stored("f", "COMPLETED", Some("000_000"));
+        assert_eq!(judge(Some(t.clone()), Some("f".into()), "f"), Submission::Decided(t));
+    }
+
+    #[test]
+    fn a_stored_transfer_with_another_body_is_a_conflict_whatever_the_submission_says() {
+        let t = stored("g", "COMPLETED", Some("000_000"));
+        assert_eq!(judge(Some(t), Some("f".into()), "f"), Submission::Conflict);
+    }
+
+    #[test]
+    fn a_pending_transfer_is_in_flight() {
+        assert_eq!(judge(Some(stored("f", "PENDING", None)), None, "f"), Submission::InFlight);
+    }
 }
