@@ -55,6 +55,7 @@ impl StoredTransfer {
 
 const COLUMNS: &str =
     "transfer_id, asp_id, correlation_id, fingerprint, status, result_code, result_message, amount, decided_at";
+
 fn from_row(r: &sqlx::postgres::PgRow) -> Result<StoredTransfer, sqlx::Error> {
     Ok(StoredTransfer {
         transfer_id: r.try_get("transfer_id")?,
@@ -100,6 +101,14 @@ pub async fn find_many<'e>(
     Ok(out)
 }
 
+/// The transfer of a row that left-joined `transfers`, if the join found one.
+fn transfer_of(r: &sqlx::postgres::PgRow) -> Result<Option<StoredTransfer>, sqlx::Error> {
+    match r.try_get::<Option<Uuid>, _>("transfer_id")? {
+        Some(_) => Ok(Some(from_row(r)?)),
+        None => Ok(None),
+    }
+}
+
 /// The request's transfer, if one is stored, and the fingerprint it was submitted
 /// with, if a gateway recorded it, in one round trip for both tables (a status
 /// query).
@@ -118,11 +127,7 @@ async fn read_request(
     .bind(correlation_id)
     .fetch_one(pool)
     .await?;
-    let transfer = match row.try_get::<Option<Uuid>, _>("transfer_id")? {
-        Some(_) => Some(from_row(&row)?),
-        None => None,
-    };
-    Ok((transfer, row.try_get("submitted_fingerprint")?))
+    Ok((transfer_of(&row)?, row.try_get("submitted_fingerprint")?))
 }
 
 /// What is known of a request when it arrives at a gateway.
@@ -176,10 +181,7 @@ pub async fn lookup_many(pool: &sqlx::PgPool, requests: &[RequestKey]) -> Result
     let mut answers: Vec<Option<Submission>> = vec![None; requests.len()];
     for r in &rows {
         let i = r.try_get::<i64, _>("i")? as usize;
-        let transfer = match r.try_get::<Option<Uuid>, _>("transfer_id")? {
-            Some(_) => Some(from_row(r)?),
-            None => None,
-        };
+        let transfer = transfer_of(r)?;
         let slot = answers
             .get_mut(i.wrapping_sub(1))
             .ok_or_else(|| LedgerError::Corrupt(format!("lookup answered for request {i} of {}", requests.len())))?;
