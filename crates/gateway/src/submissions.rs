@@ -83,26 +83,20 @@ async fn collect<O, F, Fut>(
             let n = keys.len();
             cardflow_telemetry::Metrics::global().db_group_size.with_label_values(&[what]).observe(n as f64);
             match run(pool, keys).await {
-                Ok(answers) if answers.len() == n => {
+                // Both statements answer every key or fail (`lookup_many` checks
+                // its count); a waiter left without an answer would get 503 anyway.
+                Ok(answers) => {
                     for (waiter, answer) in waiters.into_iter().zip(answers) {
                         let _ = waiter.send(Ok(answer));
                     }
                 }
-                Ok(answers) => {
-                    tracing::error!(
-                        what,
-                        asked = n,
-                        answered = answers.len(),
-                        "a group statement answered the wrong count"
-                    );
-                    for waiter in waiters {
-                        let _ = waiter.send(Err(ApiError::unavailable()));
-                    }
-                }
                 Err(e) => {
-                    tracing::error!(error = %e, what, requests = n, "database unavailable");
+                    // The one mapping of a database failure to what a client sees
+                    // (and its log line), named with the statement and group.
+                    let _group = tracing::error_span!("grouped statement", statement = what, requests = n).entered();
+                    let e = ApiError::from(e);
                     for waiter in waiters {
-                        let _ = waiter.send(Err(ApiError::unavailable()));
+                        let _ = waiter.send(Err(e.clone()));
                     }
                 }
             }
