@@ -471,7 +471,7 @@ impl Progress {
     }
 }
 
-fn pgbench(database_url: &str, admin_url: &str, seconds: u64) -> anyhow::Result<f64> {
+fn pgbench(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
     let bin = ["/usr/bin/pgbench"]
         .into_iter()
         .map(str::to_string)
@@ -484,7 +484,6 @@ fn pgbench(database_url: &str, admin_url: &str, seconds: u64) -> anyhow::Result<
         )
         .find(|p| std::path::Path::new(p).exists())
         .context("pgbench not found (Debian: postgresql-client / postgresql)")?;
-    let _ = admin_url;
     let init = Command::new(&bin).args(["-i", "-q", "-s", "8", database_url]).output()?;
     if !init.status.success() {
         bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
@@ -654,9 +653,10 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         let pgdb = format!("cardflow_pgbench_{tag}");
         sqlx::query(&format!("CREATE DATABASE \"{pgdb}\"")).execute(&admin).await?;
         eprintln!("bench: pgbench TPC-B-like -c 8 -j 2 -T {} …", a.pgbench_seconds);
-        let tps = pgbench(&replace_db(database_url, &pgdb), database_url, a.pgbench_seconds)?;
+        let tps = pgbench(&replace_db(database_url, &pgdb), a.pgbench_seconds);
+        // Dropped whether or not pgbench ran: a failed run must not leave its tables behind.
         sqlx::query(&format!("DROP DATABASE \"{pgdb}\"")).execute(&admin).await?;
-        tps
+        tps?
     } else {
         0.0
     };
