@@ -6,10 +6,10 @@
 //! and a Postgres backend woken for one row; at a few thousand requests a second
 //! that was most of the gateway's CPU and a fifth of Postgres'. Here each request
 //! queues its key and waits; a collector takes whatever is queued (up to
-//! [`MAX_GROUP`]) as soon as the statement before (or one of [`GROUPS_IN_FLIGHT`]) is done and runs one
-//! statement for all of it. Under light load a group is one request and nothing
-//! waits for company; under heavy load groups grow by themselves, because requests
-//! queue while the statement before them runs.
+//! [`MAX_GROUP`]) as soon as a statement slot is free ([`GROUPS_IN_FLIGHT`]) and
+//! runs one statement for all of it. Under light load a group is one request and
+//! nothing waits for company; under heavy load groups grow by themselves, because
+//! requests queue while the slot is busy.
 //!
 //! What each caller sees is what it saw with a query of its own: its own answer,
 //! or an error when the group's statement failed.
