@@ -192,7 +192,8 @@ async fn one_trace_follows_a_transfer_from_the_gateway_through_worker_and_relay_
     assert_eq!(parent_of("transfer.apply"), id_of("transfer.commands publish"));
     assert_eq!(relay_publish.4, id_of("transfer.apply"), "the relay publishes as a child of the apply");
     assert_eq!(parent_of("transfer.results receive"), relay_publish.3, "the reply closes the loop at the gateway");
-    let batch_statements = spans.lock().unwrap().iter().filter(|s| s.1 == "lock cards" || s.1 == "commit").count();
+    let batch_statements =
+        spans.lock().unwrap().iter().filter(|s| s.1 == "lock cards and read callers" || s.1 == "commit").count();
     assert!(batch_statements >= 2, "the batch's database statements are spans");
 }
 

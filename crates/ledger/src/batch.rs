@@ -302,10 +302,10 @@ pub async fn apply_batch(
     }
     card_nos.sort();
     card_nos.dedup();
-    let mut cards = lock_cards(&mut tx, &card_nos).instrument(db_span("lock cards")).await?;
-    let original_sequences: HashMap<CardNo, i64> = cards.iter().map(|(k, v)| (k.clone(), v.sequence)).collect();
     let asp_ids: Vec<String> = first.keys().map(|(asp, _)| asp.clone()).collect::<HashSet<_>>().into_iter().collect();
-    let affiliates = caller_affiliates(&mut tx, &asp_ids).instrument(db_span("read affiliates")).await?;
+    let (mut cards, affiliates) =
+        lock_cards(&mut tx, &card_nos, &asp_ids).instrument(db_span("lock cards and read callers")).await?;
+    let original_sequences: HashMap<CardNo, i64> = cards.iter().map(|(k, v)| (k.clone(), v.sequence)).collect();
 
     // 3. Decide in offset order. `owners` holds, per key, the fingerprint of the
     //    request that owns it and that request's result; every other occurrence of
@@ -469,35 +469,59 @@ async fn write_decisions(
     Ok(())
 }
 
-/// Loads and locks cards with what the rules need of their products and owners.
-/// `ORDER BY` before `FOR UPDATE` makes Postgres lock in card-number order.
+/// Loads and locks cards with what the rules need of their products and owners,
+/// and reads the callers' affiliates in the same statement: one round trip fewer
+/// in every batch, which at a few commands a batch (sync load) is a round trip of
+/// about seven. `ORDER BY` before `FOR UPDATE` makes Postgres lock in card-number
+/// order; `MATERIALIZED` keeps the locking query as written.
 pub(crate) async fn lock_cards(
     tx: &mut Transaction<'_, Postgres>,
     card_nos: &[String],
-) -> Result<BTreeMap<CardNo, CardView>, LedgerError> {
+    asp_ids: &[String],
+) -> Result<(BTreeMap<CardNo, CardView>, HashMap<String, AffiliateId>), LedgerError> {
     if card_nos.is_empty() {
-        return Ok(BTreeMap::new());
+        return Ok((BTreeMap::new(), HashMap::new()));
     }
+    // The callers' row always comes back, cards or none: the rules need the
+    // caller's affiliate to answer a transfer between unknown cards too.
     let rows = sqlx::query(
-        "SELECT c.card_no, c.user_id::text AS user_id, c.status, c.expires_on, c.balance, c.total_loaded,
-                COALESCE(c.max_balance, p.max_balance) AS max_balance, p.kind, p.owner_affiliate_id,
-                (a.affiliate_id IS NOT NULL) AS owner_exists, p.collection_allowed, p.min_usage_rate, c.sequence
-         FROM cards c
-         JOIN products p ON p.product_id = c.product_id
-         LEFT JOIN affiliates a ON a.affiliate_id = p.owner_affiliate_id
-         WHERE c.card_no = ANY($1)
-         ORDER BY c.card_no
-         FOR UPDATE OF c",
+        "WITH locked AS MATERIALIZED (
+             SELECT c.card_no, c.user_id::text AS user_id, c.status, c.expires_on, c.balance, c.total_loaded,
+                    COALESCE(c.max_balance, p.max_balance) AS max_balance, p.kind, p.owner_affiliate_id,
+                    (a.affiliate_id IS NOT NULL) AS owner_exists, p.collection_allowed, p.min_usage_rate, c.sequence
+             FROM cards c
+             JOIN products p ON p.product_id = c.product_id
+             LEFT JOIN affiliates a ON a.affiliate_id = p.owner_affiliate_id
+             WHERE c.card_no = ANY($1)
+             ORDER BY c.card_no
+             FOR UPDATE OF c
+         ), callers AS (
+             SELECT array_agg(asp_id) AS asp_ids, array_agg(affiliate_id) AS affiliate_ids
+             FROM asps WHERE asp_id = ANY($2)
+         )
+         SELECT callers.asp_ids, callers.affiliate_ids, locked.*
+         FROM callers LEFT JOIN locked ON true
+         ORDER BY locked.card_no",
     )
     .bind(card_nos)
+    .bind(asp_ids)
     .fetch_all(&mut **tx)
     .await?;
     let mut cards = BTreeMap::new();
-    for row in rows {
-        let card = card_view(&row)?;
-        cards.insert(card.card_no.clone(), card);
+    let mut affiliates = HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        if i == 0 {
+            let asp_ids: Option<Vec<String>> = row.try_get("asp_ids")?;
+            let affiliate_ids: Option<Vec<String>> = row.try_get("affiliate_ids")?;
+            let pairs = asp_ids.unwrap_or_default().into_iter().zip(affiliate_ids.unwrap_or_default());
+            affiliates = pairs.map(|(asp, affiliate)| (asp, AffiliateId(affiliate))).collect();
+        }
+        if row.try_get::<Option<String>, _>("card_no")?.is_some() {
+            let card = card_view(row)?;
+            cards.insert(card.card_no.clone(), card);
+        }
     }
-    Ok(cards)
+    Ok((cards, affiliates))
 }
 
 fn corrupt(what: impl std::fmt::Display) -> LedgerError {
@@ -528,17 +552,6 @@ fn card_view(row: &sqlx::postgres::PgRow) -> Result<CardView, LedgerError> {
         min_usage_rate: row.try_get("min_usage_rate")?,
         sequence: row.try_get("sequence")?,
     })
-}
-
-async fn caller_affiliates(
-    tx: &mut Transaction<'_, Postgres>,
-    asp_ids: &[String],
-) -> Result<HashMap<String, AffiliateId>, LedgerError> {
-    let rows = sqlx::query("SELECT asp_id, affiliate_id FROM asps WHERE asp_id = ANY($1)")
-        .bind(asp_ids)
-        .fetch_all(&mut **tx)
-        .await?;
-    Ok(rows.iter().map(|r| (r.get::<String, _>(0), AffiliateId(r.get::<String, _>(1)))).collect())
 }
 
 /// Records a command that could not be applied for a reason that is not the
