@@ -29,6 +29,13 @@ pub struct OutboxMessage {
     pub payload: Box<RawValue>,
 }
 
+impl OutboxMessage {
+    /// A reply to a waiting gateway, as opposed to an event for consumers.
+    pub fn is_reply(&self) -> bool {
+        self.partition.is_some()
+    }
+}
+
 /// A message on its way into the outbox, its payload still a value: the batch
 /// transaction serializes a whole row of these on a blocking thread while its other
 /// statements run in Postgres (see [`prepare`]). It serializes exactly as an

@@ -75,11 +75,21 @@ struct Published {
     stopped: bool,
 }
 
+/// The relay's producers. Replies have a connection of their own: sent with the
+/// round's events, a reply shared one produce request with every partition the
+/// round touched (up to 17 at 8 partitions a topic), which is acknowledged once
+/// all of them are stored (Tansu stores them one after another). A gateway's
+/// request waits for the reply; no one waits for the events.
+struct Producers {
+    events: FutureProducer,
+    replies: FutureProducer,
+}
+
 /// Publishes the rows' messages concurrently (the idempotent producer keeps
 /// per-partition order) and keeps the longest prefix of rows that the broker
 /// acknowledged or refused for good. Rows from the first transient failure on
 /// are retried next round, whole: a duplicate is better than a reorder.
-async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
+async fn publish(producers: &Producers, rows: &[OutboxRow]) -> Published {
     let messages: Vec<(&OutboxRow, usize, &OutboxMessage)> =
         rows.iter().flat_map(|row| row.messages.iter().enumerate().map(move |(i, m)| (row, i, m))).collect();
     // When traces are exported, each message's publish is a span in the trace of
@@ -101,7 +111,7 @@ async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
         .collect();
     let traceparents: Vec<Option<String>> =
         spans.iter().map(|s| s.as_ref().and_then(cardflow_telemetry::traceparent_of)).collect();
-    let sends = messages.iter().zip(&traceparents).map(|((_, _, message), traceparent)| {
+    let sends = messages.iter().zip(&traceparents).zip(spans).map(|(((_, _, message), traceparent), span)| {
         let mut record = FutureRecord::to(&message.topic)
             .key(&message.key)
             .payload(message.payload.get())
@@ -109,10 +119,16 @@ async fn publish(producer: &FutureProducer, rows: &[OutboxRow]) -> Published {
         if let Some(p) = message.partition {
             record = record.partition(p);
         }
-        producer.send(record, Timeout::After(Duration::from_secs(10)))
+        let producer = if message.is_reply() { &producers.replies } else { &producers.events };
+        let delivery = producer.send(record, Timeout::After(Duration::from_secs(10)));
+        async move {
+            let delivered = delivery.await;
+            // Each message's span ends with its own acknowledgement, not the round's.
+            drop(span);
+            delivered
+        }
     });
     let results = futures::future::join_all(sends).await;
-    drop(spans);
     let metrics = Metrics::global();
     let mut out = Published { done: Vec::with_capacity(rows.len()), ..Published::default() };
     let mut results = messages.iter().zip(results).peekable();
@@ -149,7 +165,10 @@ pub async fn run_relay(
     bus: BusConfig,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
-    let producer = bus.producer(config.producer_linger_ms)?;
+    let producers = Producers {
+        events: bus.producer(config.producer_linger_ms)?,
+        replies: bus.producer(config.producer_linger_ms)?,
+    };
     let metrics = Metrics::global();
     'standby: loop {
         // The lock lives as long as this connection: if it breaks, Postgres frees the
@@ -235,7 +254,7 @@ pub async fn run_relay(
             };
             if !rows.is_empty() {
                 let started = Instant::now();
-                let published = publish(&producer, &rows).await;
+                let published = publish(&producers, &rows).await;
                 metrics.relay_publish_duration.observe(started.elapsed().as_secs_f64());
                 // Parked messages are recorded before their row counts as handled.
                 if !published.parked.is_empty() {
