@@ -109,6 +109,9 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
     ] {
         assert!(figures[field].as_f64().is_some_and(|v| v > 0.0), "{field} = {}", figures[field]);
     }
+    let half_runs = figures["sync_half_runs_p99_ms"].as_array().expect("the p99 of each half-rate run");
+    assert_eq!(half_runs.len(), 2, "--quick runs the half rate twice");
+    assert!(figures["sync_half_p99_ms"].as_f64().is_some_and(|v| v > 0.0));
     assert_eq!(figures["audit_passed"], true);
     assert_eq!(figures["conserved"], true);
 }
