@@ -286,3 +286,48 @@ async fn a_request_another_worker_stores_while_this_one_decides_it_is_answered_a
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
     assert!(entries(&pool, m.card(0)).await.is_empty(), "no money moved");
 }
+
+/// Published rows this test writes itself: no messages for the relay to send.
+async fn published_outbox_row(pool: &sqlx::PgPool, created_ago: &str, published_ago: &str) -> i64 {
+    sqlx::query_scalar(
+        "INSERT INTO outbox (messages, message_count, created_at, published_at)
+         VALUES ('[]', 1, now() - $1::interval, now() - $2::interval) RETURNING id",
+    )
+    .bind(created_ago)
+    .bind(published_ago)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_outbox_purge_deletes_rows_published_before_the_retention_and_keeps_later_ones() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let old = published_outbox_row(&pool, "3 hours", "2 hours").await;
+    // Written long ago, published only now (say, after a broker outage): kept.
+    let late = published_outbox_row(&pool, "3 hours", "0 seconds").await;
+    cardflow_ledger::outbox::purge_published(&pool, 3600).await.unwrap();
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM outbox WHERE id = ANY($1)")
+        .bind(vec![old, late])
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec![late]);
+}
+
+#[tokio::test]
+async fn the_outbox_purge_can_read_an_index_instead_of_the_whole_outbox() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let mut conn = pool.acquire().await.unwrap();
+    // With sequential scans priced out, the plan shows whether an index serves the purge.
+    sqlx::query("SET enable_seqscan = off").execute(&mut *conn).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", cardflow_ledger::outbox::PURGE_PUBLISHED))
+        .bind(3600.0_f64)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    sqlx::query("RESET enable_seqscan").execute(&mut *conn).await.unwrap();
+    assert!(plan.iter().any(|line| line.contains("outbox_published")), "{plan:#?}");
+}

@@ -183,14 +183,16 @@ pub async fn backlog(pool: &PgPool) -> Result<(i64, f64), LedgerError> {
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
+/// The purge's statement; `$1` is the retention in seconds. Public so that a test
+/// can look at its plan.
+pub const PURGE_PUBLISHED: &str = "DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)";
+
 /// Deletes rows published longer ago than `older_than_secs`; the ledger, not the
 /// outbox, is the record (replay reads the ledger). Parked messages stay in
-/// `outbox_parked` for inspection.
+/// `outbox_parked` for inspection. Reads the `outbox_published` index, not the
+/// whole outbox.
 pub async fn purge_published(pool: &PgPool, older_than_secs: i64) -> Result<u64, LedgerError> {
-    let r = sqlx::query("DELETE FROM outbox WHERE published_at < now() - make_interval(secs => $1)")
-        .bind(older_than_secs as f64)
-        .execute(pool)
-        .await?;
+    let r = sqlx::query(PURGE_PUBLISHED).bind(older_than_secs as f64).execute(pool).await?;
     Ok(r.rows_affected())
 }
 
