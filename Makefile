@@ -55,12 +55,12 @@ deploy-check:
 
 test: lint unit deploy-check e2e
 
-# A fresh broker per run (scripts/stack.sh bench-broker): see README, Performance.
+# A fresh broker per run and per phase (scripts/stack.sh bench-broker): see README, Performance.
 bench: stack
 	$(CARGO) build --release -p cardflow
 	@. .stack/env && brokers=$$(scripts/stack.sh bench-broker) && \
 	  trap 'scripts/stack.sh bench-broker-down' EXIT && \
-	  KAFKA_BROKERS=$$brokers $(RELEASE_BIN) bench $(BENCH_ARGS)
+	  KAFKA_BROKERS=$$brokers $(RELEASE_BIN) bench --broker-per-phase 'scripts/stack.sh bench-broker' $(BENCH_ARGS)
 
 clean: stack-down
 	$(CARGO) clean

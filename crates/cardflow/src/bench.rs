@@ -92,6 +92,17 @@ pub struct BenchArgs {
     /// Seconds per sweep step.
     #[arg(long, default_value_t = 5)]
     sweep_seconds: u64,
+    /// A shell command that starts an empty broker and prints its address as the
+    /// last line of its output, run before every phase that uses Kafka (`make
+    /// bench` passes `scripts/stack.sh bench-broker`). Without it every phase uses
+    /// `KAFKA_BROKERS`. Why: Tansu clones and serializes its whole metadata (every
+    /// topic, every producer's sequences) for each batch an idempotent producer
+    /// sends, so each phase's topics and producers made every later phase slower:
+    /// on one broker the third of three half-rate runs had the worst p99 in seven
+    /// full runs of eight, and an empty broker per phase took their merged p99
+    /// from 73.3 and 77.7 ms to 60.9 and 58.4 ms.
+    #[arg(long)]
+    broker_per_phase: Option<String>,
     /// Where `--sweep` writes its chart (PNG).
     #[arg(long, default_value = "target/bench/latency-vs-load.png")]
     chart: std::path::PathBuf,
@@ -116,18 +127,46 @@ struct Env {
     bus: BusConfig,
     http_port: u16,
     group: String,
+    broker_per_phase: Option<String>,
 }
 
 impl Env {
-    /// The same database, with topics, a consumer group and a port of its own.
-    fn phase(&self, phase: &str) -> Env {
+    /// The same database and broker, with topics, a consumer group and a port of
+    /// its own.
+    fn topics_for(&self, phase: &str) -> Env {
         let prefix = self.bus.topics.commands.trim_end_matches("transfer.commands");
         Env {
             database_url: self.database_url.clone(),
             bus: BusConfig { topics: Topics::with_prefix(&format!("{prefix}{phase}-")), ..self.bus.clone() },
             http_port: free_port(),
             group: format!("{}-{phase}", self.group),
+            broker_per_phase: self.broker_per_phase.clone(),
         }
+    }
+
+    /// As [`Env::topics_for`], and with `--broker-per-phase`, on an empty broker.
+    fn phase(&self, phase: &str) -> anyhow::Result<Env> {
+        let mut env = self.topics_for(phase);
+        if let Some(command) = &self.broker_per_phase {
+            env.bus.brokers = fresh_broker(command)?;
+        }
+        Ok(env)
+    }
+}
+
+/// Runs `--broker-per-phase` and returns the address it printed last.
+fn fresh_broker(command: &str) -> anyhow::Result<String> {
+    // Without KAFKA_BROKERS: the stack script would take it for an external broker
+    // and start nothing.
+    let out =
+        Command::new("sh").arg("-c").arg(command).env_remove("KAFKA_BROKERS").stderr(Stdio::inherit()).output()?;
+    if !out.status.success() {
+        bail!("--broker-per-phase `{command}` failed: {}", out.status);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    match stdout.lines().map(str::trim).rfind(|l| !l.is_empty()) {
+        Some(address) => Ok(address.to_string()),
+        None => bail!("--broker-per-phase `{command}` printed no broker address"),
     }
 }
 
@@ -140,7 +179,7 @@ impl Env {
 /// on shared topics measured p50 151 ms at 649/s, against 36 ms at 866/s at the
 /// start). Apache Kafka finds an offset through its index whatever the history.
 async fn start_phase(base: &Env, phase: &str, workers: usize, picker: &Picker) -> anyhow::Result<(Env, Roles)> {
-    let env = base.phase(phase);
+    let env = base.phase(phase)?;
     env.bus.ensure_topics().await?;
     let mut roles = Roles { children: Vec::new() };
     spawn(&env, &mut roles, "gateway")?;
@@ -579,7 +618,7 @@ fn command(env: &Env, picker: &Picker) -> anyhow::Result<TransferCommand> {
 /// how much of the gap to pgbench is the ledger's own work. Its outbox rows stay
 /// unpublished (no relay runs after it) and go with the bench database.
 async fn ledger_ceiling(env: &Env, picker: &Picker, commands: u64, batch: usize) -> anyhow::Result<f64> {
-    let env = &env.phase("ledger");
+    let env = &env.topics_for("ledger");
     let pool = cardflow_ledger::connect(&env.database_url, 1).await?;
     let topics = cardflow_ledger::OutboxTopics {
         card_balance: env.bus.topics.card_balance.clone(),
@@ -605,7 +644,7 @@ async fn ledger_ceiling(env: &Env, picker: &Picker, commands: u64, batch: usize)
 /// worker on it and times how fast it applies them. The drain uses topics and a
 /// consumer group of its own, so no running worker has to leave or join a group.
 async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<f64> {
-    let env = &env.phase("drain");
+    let env = &env.phase("drain")?;
     env.bus.ensure_topics().await?;
     let producer: FutureProducer = env.bus.producer(5)?;
     let progress = Progress::new(env)?;
@@ -664,6 +703,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         },
         http_port: free_port(),
         group: format!("bench-{tag}-worker"),
+        broker_per_phase: a.broker_per_phase.clone(),
     };
     let pool = cardflow_ledger::connect(&env.database_url, 4).await?;
     cardflow_ledger::migrate(&pool).await?;
@@ -755,6 +795,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         let produced = progress.produced()?;
         let (_, applied_at) = progress.wait_applied(0, produced, Duration::from_secs(600)).await?;
         async_tps = accepted as f64 / (applied_at - started).as_secs_f64();
+        // Its consumer must not outlive the phase's broker (`--broker-per-phase`).
+        drop(progress);
 
         eprintln!("bench: worker drain of {} pre-loaded commands …", a.drain_commands);
         drop(roles);
@@ -804,6 +846,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     figures.insert("mode".into(), json!(a.mode));
     figures.insert("fetch_wait_ms".into(), json!(kafka.fetch_wait_ms));
     figures.insert("rate".into(), json!(a.rate));
+    figures.insert("broker_per_phase".into(), json!(a.broker_per_phase.is_some()));
     figures.insert("deadlocks".into(), json!(deadlocks));
     figures.insert("hot_failures".into(), json!(hot_failures));
     if !sweep.is_empty() {
@@ -815,8 +858,14 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
 
     println!();
     println!(
-        "cardflow bench ({} s phases, {} clients sync, {} async, {} skew, {} worker(s), {} partitions)",
-        a.duration, a.concurrency, a.async_concurrency, a.skew, a.workers, a.partitions
+        "cardflow bench ({} s phases, {} clients sync, {} async, {} skew, {} worker(s), {} partitions, {})",
+        a.duration,
+        a.concurrency,
+        a.async_concurrency,
+        a.skew,
+        a.workers,
+        a.partitions,
+        if a.broker_per_phase.is_some() { "an empty broker per phase" } else { "one broker" }
     );
     println!(
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
