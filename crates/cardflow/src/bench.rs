@@ -320,6 +320,12 @@ fn body(member: u64, from: u64, to: u64, amount: u64) -> String {
     )
 }
 
+/// Latencies in microseconds, 1 µs to 60 s, three significant digits. One
+/// constructor, so that histograms of different phases can be merged.
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
 /// The table's row of the half-rate phase, under which each run's p99 is printed.
 const HALF_ROW: &str = "sync at half the max rate";
 
@@ -378,7 +384,7 @@ async fn load(
         crypto_key: None,
     };
     let http = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
-    let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
+    let hist = Arc::new(Mutex::new(latency_histogram()));
     let codes = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
@@ -575,7 +581,7 @@ async fn broker_round_trip(bus: &BusConfig, samples: usize) -> anyhow::Result<(f
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, 0, Offset::Offset(high))?;
     consumer.assign(&tpl)?;
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = latency_histogram();
     for i in 0..samples {
         let started = Instant::now();
         let payload = i.to_string();
@@ -951,7 +957,7 @@ mod tests {
     use super::*;
 
     fn result(sent: u64, code: &str, errors: u64, latencies_ms: &[u64]) -> LoadResult {
-        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut h = latency_histogram();
         for ms in latencies_ms {
             h.record(ms * 1000).unwrap();
         }
