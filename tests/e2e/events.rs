@@ -127,7 +127,7 @@ async fn commands_and_results_validate_against_their_schemas() {
 
     let commands =
         read_topic(&sys.bus, &sys.bus.topics.commands, sys.bus.partitions, Duration::from_secs(30), |seen| {
-            seen.iter().filter(|(k, _, _)| k == m.card(0)).count() >= 2
+            seen.iter().filter(|(k, _, _)| *k == m.user_id.to_string()).count() >= 2
         })
         .await;
     let results =
@@ -137,11 +137,37 @@ async fn commands_and_results_validate_against_their_schemas() {
         .await;
 
     let command_schema = validator("transfer.commands.v1.json");
-    let mine: Vec<&Value> = commands.iter().filter(|(k, _, _)| k == m.card(0)).map(|(_, v, _)| v).collect();
+    let mine: Vec<&Value> =
+        commands.iter().filter(|(k, _, _)| *k == m.user_id.to_string()).map(|(_, v, _)| v).collect();
     assert_eq!(mine.len(), 2);
     mine.iter().for_each(|c| assert_valid(&command_schema, c));
     let result_schema = validator("transfer.results.v1.json");
     let mine: Vec<&Value> = results.iter().filter(|(k, _, _)| ids.contains(k)).map(|(_, v, _)| v).collect();
     assert_eq!(mine.len(), 2);
     mine.iter().for_each(|r| assert_valid(&result_schema, r));
+}
+
+#[tokio::test]
+async fn commands_are_keyed_by_member_whichever_card_they_debit() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(100), CardSpec::prepaid(100)]).await;
+    let there = sign_post(&m.body(0, 1, Some(10)), None, false);
+    let back = sign_post(&m.body(1, 0, Some(10)), None, false);
+    assert_eq!(sys.send(&there, &[]).await.code(), "000_000");
+    assert_eq!(sys.send(&back, &[]).await.code(), "000_000");
+    let ids = [there.correlation_id.clone(), back.correlation_id.clone()];
+    let mine = |seen: &[TopicMessage]| -> Vec<TopicMessage> {
+        seen.iter()
+            .filter(|(_, v, _)| ids.iter().any(|id| v["correlationId"] == Value::String(id.clone())))
+            .cloned()
+            .collect()
+    };
+    let commands =
+        read_topic(&sys.bus, &sys.bus.topics.commands, sys.bus.partitions, Duration::from_secs(30), |seen| {
+            mine(seen).len() >= 2
+        })
+        .await;
+    let keys: Vec<String> = mine(&commands).into_iter().map(|(k, _, _)| k).collect();
+    assert_eq!(keys, vec![m.user_id.to_string(), m.user_id.to_string()]);
 }

@@ -19,7 +19,7 @@ pub struct ReplyAddress {
     pub partition: i32,
 }
 
-/// A request to move balance, as the gateway publishes it (key: `fromCardNo`).
+/// A request to move balance, as the gateway publishes it (key: [`TransferCommand::key`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TransferCommand {
@@ -42,6 +42,18 @@ pub struct TransferCommand {
 
 fn reply_awaited() -> bool {
     true
+}
+
+impl TransferCommand {
+    /// The command's Kafka key: the member's user id. A transfer moves money
+    /// between two cards of one member (the rules reject any other), so every
+    /// command that can touch a card shares its partition, and workers that own
+    /// different partitions lock different cards. Keyed by the from card, a
+    /// member's cards were spread over several partitions and two transactions in
+    /// flight kept waiting for each other's card locks.
+    pub fn key(&self) -> String {
+        self.request.user_id.to_string()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +161,39 @@ mod tests {
         assert!(json.contains("\"999999999999\""), "amounts travel as strings: {json}");
         let back: TransferCommand = serde_json::from_str(&json).unwrap();
         assert_eq!(back, cmd);
+    }
+
+    fn command(user_id: u64, from: &str, to: &str) -> TransferCommand {
+        TransferCommand {
+            schema_version: SCHEMA_VERSION,
+            asp_id: AspId::parse("DEMOASP00000001").unwrap(),
+            correlation_id: CorrelationId::parse("261124153000-00000a1").unwrap(),
+            request: TransferRequest {
+                user_id: UserId::new(user_id).unwrap(),
+                from_card_no: CardNo::parse(from).unwrap(),
+                to_card_no: CardNo::parse(to).unwrap(),
+                amount: Some(Money::from_units(1)),
+            },
+            fingerprint: "f".into(),
+            reply_to: ReplyAddress { topic: "transfer.results".into(), partition: 0 },
+            awaits_reply: true,
+            submitted_at: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn a_command_is_keyed_by_its_member() {
+        assert_eq!(
+            command(9_999_999_999_999_999_999, "9410000000000001", "9410000000000002").key(),
+            "9999999999999999999"
+        );
+    }
+
+    #[test]
+    fn commands_of_one_member_share_a_key_whichever_cards_they_name() {
+        let debit = command(1001, "9410000000000001", "9410000000000002");
+        let credit = command(1001, "9410000000000002", "9410000000000001");
+        assert_eq!(debit.key(), credit.key());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! The gateway checks everything it can without the ledger (header and body
 //! formats, authentication, decryption), answers a request it has seen from the
-//! ledger, publishes a transfer command keyed by `fromCardNo`, records the
+//! ledger, publishes a transfer command keyed by member (`userId`), records the
 //! submission once Kafka acknowledged it, and waits for the result on its own
 //! reply partition until a deadline; past it, the client gets `202` and a
 //! `Location` to poll. It never decides a transfer and never writes money: that is
@@ -405,7 +405,7 @@ fn within_rate(app: &App, caller: &Caller) -> Result<(), ApiError> {
 
 async fn publish(app: &App, command: &TransferCommand, traceparent: &str) -> Result<(), String> {
     let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
-    let key = command.request.from_card_no.as_str();
+    let key = command.key();
     let partition = command.reply_to.partition.to_string();
     let headers = h::build([
         (h::TRACEPARENT, traceparent),
@@ -415,7 +415,7 @@ async fn publish(app: &App, command: &TransferCommand, traceparent: &str) -> Res
         (h::REPLY_TOPIC, command.reply_to.topic.as_str()),
         (h::REPLY_PARTITION, partition.as_str()),
     ]);
-    let record = FutureRecord::to(&app.bus.topics.commands).key(key).payload(&payload).headers(headers);
+    let record = FutureRecord::to(&app.bus.topics.commands).key(&key).payload(&payload).headers(headers);
     // Per card, order across the two producers does not matter: two requests
     // in flight at once have no order to keep.
     let producer = if command.awaits_reply { &app.producer } else { &app.async_producer };
