@@ -191,3 +191,50 @@ async fn re_seeding_a_card_the_ledger_moved_keeps_its_ledger_balance_and_the_aud
     let out = audit(&sys);
     assert!(out.status.success(), "audit failed:\n{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// A worker that starts behind by many full batches runs two transactions at
+/// once. Each member's transfers alternate direction with the whole balance, so
+/// any one applied out of order would be rejected for want of money.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backlog_applied_two_batches_at_a_time_keeps_each_members_order_and_conserves_money() {
+    let env = vec![("WORKER_MAX_BATCH", "10".to_string()), ("WORKER_BATCHES_IN_FLIGHT", "2".to_string())];
+    let sys = System::start(Roles { workers: 0, env: env.clone(), ..Roles::default() });
+    let pool = sys.pool().await;
+    let mut members = Vec::new();
+    for _ in 0..8 {
+        members.push(seed_member(&pool, &[CardSpec::prepaid(500), CardSpec::prepaid(0)]).await);
+    }
+    let total_before = cardflow_ledger::audit::total_balance(&pool).await.unwrap();
+
+    // With no worker running, each member's 30 transfers are accepted in order.
+    let sys_ref = &sys;
+    let accepted: Vec<Vec<String>> = futures::future::join_all(members.iter().map(|m| async move {
+        let mut ids = Vec::new();
+        for i in 0..30 {
+            let (from, to) = if i % 2 == 0 { (0, 1) } else { (1, 0) };
+            let req = sign_post(&m.body(from, to, Some(500)), None, false);
+            let reply = sys_ref.send(&req, &[("Prefer", "respond-async")]).await;
+            assert_eq!(reply.status, 202, "{:?}", reply.json);
+            ids.push(req.correlation_id.clone());
+        }
+        ids
+    }))
+    .await;
+
+    sys.spawn("worker", &env);
+    for ids in &accepted {
+        for id in ids {
+            let reply = final_answer(&sys, id, sys.status(id).await).await;
+            assert_eq!(reply.code(), "000_000", "{id} was applied out of its member's order: {:?}", reply.json);
+        }
+    }
+    for m in &members {
+        assert_eq!(balance(&pool, m.card(0)).await, dec(500));
+        assert_eq!(balance(&pool, m.card(1)).await, dec(0));
+    }
+    let beside = metric(&sys.metrics("worker").await, "cardflow_worker_batches_beside_another_total ");
+    assert!(beside.unwrap_or(0.0) > 0.0, "no batch ran beside another");
+    assert_eq!(cardflow_ledger::audit::total_balance(&pool).await.unwrap(), total_before);
+    let out = audit(&sys);
+    assert!(out.status.success(), "audit failed:\n{}", String::from_utf8_lossy(&out.stdout));
+}

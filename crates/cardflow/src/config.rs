@@ -132,6 +132,11 @@ pub struct WorkerArgs {
     pub platform_time_zone: chrono_tz::Tz,
     #[arg(long, env = "WORKER_DB_POOL", default_value_t = 4)]
     pub worker_db_pool: u32,
+    /// Batch transactions in flight at once: a second one starts only when a
+    /// full batch waits on partitions the first does not hold (a backlog). At
+    /// most `WORKER_DB_POOL`.
+    #[arg(long, env = "WORKER_BATCHES_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_batches_in_flight: u16,
 }
 
 impl WorkerArgs {
@@ -142,6 +147,7 @@ impl WorkerArgs {
             batch_linger: Duration::from_millis(self.worker_batch_linger_ms),
             platform_tz: self.platform_time_zone,
             retry: RetryPolicy::default(),
+            max_in_flight: self.worker_batches_in_flight as usize,
         }
     }
 }

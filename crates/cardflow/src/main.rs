@@ -223,6 +223,8 @@ fn worker_lines(w: &WorkerArgs) -> Vec<(&'static str, String)> {
         ("WORKER_GROUP_ID", w.worker_group_id.clone()),
         ("WORKER_MAX_BATCH", w.worker_max_batch.to_string()),
         ("WORKER_BATCH_LINGER_MS", w.worker_batch_linger_ms.to_string()),
+        ("WORKER_BATCHES_IN_FLIGHT", w.worker_batches_in_flight.to_string()),
+        ("WORKER_DB_POOL", w.worker_db_pool.to_string()),
         ("PLATFORM_TIME_ZONE", w.platform_time_zone.to_string()),
     ]
 }

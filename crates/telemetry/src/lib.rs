@@ -83,6 +83,8 @@ pub struct Metrics {
     pub batch_size: Histogram,
     pub batch_duration: Histogram,
     pub batch_failures: IntCounter,
+    pub batches_in_flight: IntGauge,
+    pub batches_beside_another: IntCounter,
     pub consumer_lag: IntGaugeVec,
     pub dlq_messages: IntCounter,
     pub outbox_backlog: IntGauge,
@@ -202,6 +204,18 @@ impl Metrics {
                 IntCounter::new(
                     "cardflow_worker_batch_failures_total",
                     "Batch transactions that failed: retried while the database is unreachable, or split into single commands",
+                )
+                .unwrap(),
+            ),
+            batches_in_flight: reg(
+                &r,
+                IntGauge::new("cardflow_worker_batches_in_flight", "Batch transactions being applied now").unwrap(),
+            ),
+            batches_beside_another: reg(
+                &r,
+                IntCounter::new(
+                    "cardflow_worker_batches_beside_another_total",
+                    "Batches started while another was in flight: the worker was behind by a full batch",
                 )
                 .unwrap(),
             ),

@@ -1,7 +1,9 @@
 //! The worker's loop: poll a batch of commands, apply it in one transaction, then
 //! commit the offsets. Undecodable commands go to the dead-letter topic with the
-//! reason in a header, and the loop moves on.
+//! reason in a header, and the loop moves on. Which commands form the next batch,
+//! and when a second batch may run beside the first, is [`crate::schedule`].
 
+use crate::schedule::{self, Waiting};
 use crate::WorkerError;
 use cardflow_bus::headers as h;
 use cardflow_bus::rdkafka::consumer::{CommitMode, Consumer, DefaultConsumerContext, StreamConsumer};
@@ -17,10 +19,11 @@ use cardflow_ledger::batch::{apply_resilient, IncomingCommand, RetryPolicy};
 use cardflow_ledger::OutboxTopics;
 use cardflow_telemetry::Metrics;
 use sqlx::PgPool;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -34,6 +37,9 @@ pub struct WorkerConfig {
     /// The platform's time zone: a card expires at the end of its `expiresOn` there.
     pub platform_tz: chrono_tz::Tz,
     pub retry: RetryPolicy,
+    /// Batch transactions in flight at once; more than one only while a full
+    /// batch waits (see [`crate::schedule`]). At least 1.
+    pub max_in_flight: usize,
 }
 
 enum Polled {
@@ -125,62 +131,126 @@ fn spawn_receiver(
     rx
 }
 
-/// Takes up to `max_batch` messages: waits for the first, then takes what has
-/// arrived or arrives within `batch_linger`.
-async fn poll_batch(
-    received: &mut mpsc::Receiver<KafkaResult<OwnedMessage>>,
-    config: &WorkerConfig,
-    shutdown: &CancellationToken,
-) -> Option<Vec<OwnedMessage>> {
-    let first = tokio::select! {
-        _ = shutdown.cancelled() => return None,
-        m = received.recv() => m?,
-    };
-    let mut batch = Vec::with_capacity(config.max_batch);
-    match first {
-        Ok(m) => batch.push(m),
-        Err(e) => {
-            tracing::warn!(error = %e, "consumer error");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return Some(batch);
-        }
-    }
-    let until = tokio::time::Instant::now() + config.batch_linger;
-    while batch.len() < config.max_batch {
-        match tokio::time::timeout_at(until, received.recv()).await {
-            Ok(Some(Ok(m))) => batch.push(m),
-            Ok(Some(Err(e))) => {
-                tracing::warn!(error = %e, "consumer error");
-                break;
-            }
-            Ok(None) | Err(_) => break,
-        }
-    }
-    Some(batch)
-}
-
 pub async fn run_worker(
     config: WorkerConfig,
     pool: PgPool,
     bus: BusConfig,
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
+    let max_in_flight = config.max_in_flight.max(1);
+    // Each batch holds a connection for its whole transaction; fewer connections
+    // than batches in flight would have them time out waiting for one another.
+    if (pool.options().get_max_connections() as usize) < max_in_flight {
+        return Err(WorkerError::Config(format!(
+            "WORKER_DB_POOL ({}) must be at least WORKER_BATCHES_IN_FLIGHT ({max_in_flight})",
+            pool.options().get_max_connections()
+        )));
+    }
     let consumer: Arc<StreamConsumer> = Arc::new(bus.group_consumer(&config.group_id, DefaultConsumerContext)?);
     consumer.subscribe(&[&bus.topics.commands])?;
-    let dlq_producer = bus.producer(0)?;
-    let topics = OutboxTopics {
-        card_balance: bus.topics.card_balance.clone(),
-        transfer_events: bus.topics.transfer_events.clone(),
-    };
+    let applier = Arc::new(Applier {
+        dlq_producer: bus.producer(0)?,
+        dlq: bus.topics.dlq.clone(),
+        topics: OutboxTopics {
+            card_balance: bus.topics.card_balance.clone(),
+            transfer_events: bus.topics.transfer_events.clone(),
+        },
+        consumer: consumer.clone(),
+        pool,
+        config: config.clone(),
+    });
     tokio::spawn(report_lag(consumer.clone(), shutdown.clone()));
-    tracing::info!(group = config.group_id, topic = bus.topics.commands, "worker consuming");
-    let metrics = Metrics::global();
+    tracing::info!(group = config.group_id, topic = bus.topics.commands, max_in_flight, "worker consuming");
 
-    let mut received = spawn_receiver(consumer.clone(), config.max_batch, shutdown.clone());
-    while let Some(messages) = poll_batch(&mut received, &config, &shutdown).await {
-        if messages.is_empty() {
-            continue;
+    let metrics = Metrics::global();
+    let max_batch = config.max_batch.max(1);
+    // Enough held back for a full batch on partitions that no batch in flight
+    // holds; beyond it the receiver waits and librdkafka's queue fills instead.
+    let hold = max_batch * (max_in_flight + 2);
+    let mut received = spawn_receiver(consumer, max_batch, shutdown.clone());
+    let mut waiting: Waiting<OwnedMessage> = Waiting::default();
+    let mut busy: BTreeSet<i32> = BTreeSet::new();
+    let mut in_flight: JoinSet<(Vec<i32>, Result<(), WorkerError>)> = JoinSet::new();
+    let mut linger_until: Option<tokio::time::Instant> = None;
+    let mut receiving = true;
+    let mut outcome = Ok(());
+    loop {
+        let stopping = shutdown.is_cancelled() || outcome.is_err();
+        if !stopping {
+            let free = waiting.free(&busy);
+            if free > 0 && in_flight.is_empty() && linger_until.is_none() {
+                linger_until = Some(tokio::time::Instant::now() + config.batch_linger);
+            }
+            let lingered = linger_until.is_some_and(|t| tokio::time::Instant::now() >= t);
+            if schedule::starts_now(in_flight.len(), max_in_flight, free, max_batch, lingered) {
+                let (partitions, messages) = waiting.take(&busy, max_batch);
+                busy.extend(&partitions);
+                linger_until = None;
+                if !in_flight.is_empty() {
+                    metrics.batches_beside_another.inc();
+                }
+                metrics.batches_in_flight.set(in_flight.len() as i64 + 1);
+                let applier = applier.clone();
+                let shutdown = shutdown.clone();
+                in_flight.spawn(async move { (partitions, applier.apply(messages, &shutdown).await) });
+                continue;
+            }
+        } else if in_flight.is_empty() {
+            break;
         }
+        let linger = linger_until.filter(|_| in_flight.is_empty() && !stopping);
+        tokio::select! {
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                match done {
+                    Ok((partitions, result)) => {
+                        for p in partitions {
+                            busy.remove(&p);
+                        }
+                        metrics.batches_in_flight.set(in_flight.len() as i64);
+                        if let Err(e) = result {
+                            outcome = Err(e);
+                        }
+                    }
+                    // A batch task that panicked: stop, and let the commands be
+                    // delivered again to whoever runs next.
+                    Err(e) => outcome = Err(WorkerError::Batch(e.to_string())),
+                }
+            }
+            polled = received.recv(), if receiving && !stopping && waiting.len() < hold => {
+                match polled {
+                    Some(Ok(m)) => waiting.push(m.partition(), m),
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "consumer error");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    None => receiving = false,
+                }
+            }
+            _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => {}
+            _ = shutdown.cancelled(), if !stopping => {}
+            else => break,
+        }
+    }
+    tracing::info!("worker stopped");
+    outcome
+}
+
+/// What every batch of a worker shares.
+struct Applier {
+    consumer: Arc<StreamConsumer>,
+    pool: PgPool,
+    config: WorkerConfig,
+    topics: OutboxTopics,
+    dlq_producer: FutureProducer,
+    dlq: String,
+}
+
+impl Applier {
+    /// Decodes, applies and commits one batch. Retries while the database is
+    /// unreachable, until shutdown.
+    async fn apply(&self, messages: Vec<OwnedMessage>, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+        let (config, pool, topics) = (&self.config, &self.pool, &self.topics);
+        let metrics = Metrics::global();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut commands = Vec::with_capacity(messages.len());
         for m in messages {
@@ -190,7 +260,7 @@ pub async fn run_worker(
                 Polled::Command(c) => commands.push(c),
                 Polled::Poison { message, reason } => {
                     // Without the DLQ copy the offset must not move: retry until Kafka takes it.
-                    while let Err(e) = dead_letter(&dlq_producer, &bus.topics.dlq, &message, &reason).await {
+                    while let Err(e) = dead_letter(&self.dlq_producer, &self.dlq, &message, &reason).await {
                         tracing::error!(error = %e, "dead-lettering failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
@@ -204,9 +274,7 @@ pub async fn run_worker(
             let apply_spans = trace_commands(&mut commands, &batch_span);
             loop {
                 let today = chrono::Utc::now().with_timezone(&config.platform_tz).date_naive();
-                match apply_resilient(&pool, &commands, &topics, today, config.retry)
-                    .instrument(batch_span.clone())
-                    .await
+                match apply_resilient(pool, &commands, topics, today, config.retry).instrument(batch_span.clone()).await
                 {
                     Ok(report) => {
                         if report.split {
@@ -253,13 +321,13 @@ pub async fn run_worker(
             tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
         }
         // Async is enough: a commit lost here only means a redelivery, which the
-        // ledger answers from the stored result.
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        // ledger answers from the stored result. A batch commits only its own
+        // partitions, which no other batch in flight holds.
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered");
         }
+        Ok(())
     }
-    tracing::info!("worker stopped");
-    Ok(())
 }
 
 /// When traces are exported: one span per command, a child of the gateway's

@@ -9,6 +9,7 @@
 
 pub mod consumer;
 pub mod relay;
+pub mod schedule;
 
 pub use consumer::{run_worker, WorkerConfig};
 pub use relay::{run_relay, RelayConfig};
@@ -23,4 +24,8 @@ pub enum WorkerError {
     Ledger(#[from] cardflow_ledger::LedgerError),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    #[error("worker configuration: {0}")]
+    Config(String),
+    #[error("a batch task failed: {0}")]
+    Batch(String),
 }
