@@ -58,6 +58,10 @@ pub struct BenchArgs {
     /// Commands per transaction in the ledger ceiling, as the worker's batch.
     #[arg(long, env = "WORKER_MAX_BATCH", default_value_t = 2000)]
     ledger_batch: usize,
+    /// Transactions in flight at once in the ledger ceiling, as the worker runs
+    /// them while it is behind by full batches.
+    #[arg(long, env = "WORKER_BATCHES_IN_FLIGHT", default_value_t = 2)]
+    ledger_in_flight: usize,
     /// pgbench run length in seconds (0 skips the reference).
     #[arg(long, default_value_t = 15)]
     pgbench_seconds: u64,
@@ -621,28 +625,44 @@ fn command(env: &Env, picker: &Picker) -> anyhow::Result<TransferCommand> {
 }
 
 /// The ledger's own ceiling: the worker's batch transaction
-/// ([`cardflow_ledger::batch::apply_batch`]) called back to back on one connection
-/// with commands already in memory, in batches of `batch`. No broker, no decoding,
-/// no relay: what the drain would reach if Kafka and the rest cost nothing, and so
-/// how much of the gap to pgbench is the ledger's own work. Its outbox rows stay
-/// unpublished (no relay runs after it) and go with the bench database.
-async fn ledger_ceiling(env: &Env, picker: &Picker, commands: u64, batch: usize) -> anyhow::Result<f64> {
+/// ([`cardflow_ledger::batch::apply_batch`]) called back to back with commands
+/// already in memory, in batches of `batch`, `lanes` transactions at once, the
+/// commands shared among them by member as a worker that is behind shares them
+/// among its batches in flight (by the partition of the member key). No broker, no decoding, no relay: what the drain
+/// would reach if Kafka and the rest cost nothing, and so how much of the gap to
+/// pgbench is the ledger's own work. Its outbox rows stay unpublished (no relay
+/// runs after it) and go with the bench database.
+async fn ledger_ceiling(env: &Env, picker: &Picker, commands: u64, batch: usize, lanes: usize) -> anyhow::Result<f64> {
     let env = &env.topics_for("ledger");
-    let pool = cardflow_ledger::connect(&env.database_url, 1).await?;
     let topics = cardflow_ledger::OutboxTopics {
         card_balance: env.bus.topics.card_balance.clone(),
         transfer_events: env.bus.topics.transfer_events.clone(),
     };
-    let incoming = (0..commands)
-        .map(|_| Ok(IncomingCommand { command: command(env, picker)?, traceparent: None }))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let lanes = lanes.max(1);
+    let mut per_lane: Vec<Vec<IncomingCommand>> = vec![Vec::new(); lanes];
+    for _ in 0..commands {
+        let command = command(env, picker)?;
+        per_lane[(command.request.user_id.get() % lanes as u64) as usize]
+            .push(IncomingCommand { command, traceparent: None });
+    }
     let today = chrono::Utc::now().date_naive();
+    let pool = cardflow_ledger::connect(&env.database_url, lanes as u32).await?;
     let started = Instant::now();
-    for chunk in incoming.chunks(batch.max(1)) {
-        let report = apply_batch(&pool, chunk, &topics, today).await?;
-        if let Some(r) = report.results.iter().find(|r| r.repeat) {
-            bail!("ledger ceiling: {} was answered as a repeat", r.result.correlation_id);
-        }
+    // A task per lane, as the worker runs them: their Rust work runs side by side too.
+    let runs = per_lane.into_iter().map(|lane| {
+        let (pool, topics) = (pool.clone(), topics.clone());
+        tokio::spawn(async move {
+            for chunk in lane.chunks(batch.max(1)) {
+                let report = apply_batch(&pool, chunk, &topics, today).await?;
+                if let Some(r) = report.results.iter().find(|r| r.repeat) {
+                    bail!("ledger ceiling: {} was answered as a repeat", r.result.correlation_id);
+                }
+            }
+            Ok(())
+        })
+    });
+    for run in futures::future::join_all(runs).await {
+        run??;
     }
     let elapsed = started.elapsed();
     pool.close().await;
@@ -661,7 +681,7 @@ async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<f64>
     for _ in 0..commands {
         let cmd = command(env, picker)?;
         let payload = serde_json::to_vec(&cmd)?;
-        let key = cmd.request.from_card_no.to_string();
+        let key = cmd.key();
         let producer = producer.clone();
         let topic = env.bus.topics.commands.clone();
         sends.push(async move {
@@ -811,7 +831,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         drop(roles);
         drain_tps = drain(&env, &picker, a.drain_commands).await?;
         eprintln!("bench: ledger ceiling, {} commands through the batch transaction alone …", a.drain_commands);
-        ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch).await?;
+        ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.ledger_in_flight).await?;
     }
     let deadlocks: i64 =
         sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
