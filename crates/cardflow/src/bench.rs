@@ -58,10 +58,10 @@ pub struct BenchArgs {
     /// Commands per transaction in the ledger ceiling, as the worker's batch.
     #[arg(long, env = "WORKER_MAX_BATCH", default_value_t = 2000)]
     ledger_batch: usize,
-    /// Transactions in flight at once in the ledger ceiling, as the worker runs
-    /// them while it is behind by full batches.
+    /// The workers' `WORKER_BATCHES_IN_FLIGHT`; the ledger ceiling runs as many
+    /// transactions at once, as a worker that is behind by full batches does.
     #[arg(long, env = "WORKER_BATCHES_IN_FLIGHT", default_value_t = 2)]
-    ledger_in_flight: usize,
+    batches_in_flight: usize,
     /// pgbench run length in seconds (0 skips the reference).
     #[arg(long, default_value_t = 15)]
     pgbench_seconds: u64,
@@ -132,6 +132,7 @@ struct Env {
     http_port: u16,
     group: String,
     broker_per_phase: Option<String>,
+    batches_in_flight: usize,
 }
 
 impl Env {
@@ -145,6 +146,7 @@ impl Env {
             http_port: free_port(),
             group: format!("{}-{phase}", self.group),
             broker_per_phase: self.broker_per_phase.clone(),
+            batches_in_flight: self.batches_in_flight,
         }
     }
 
@@ -210,6 +212,7 @@ fn spawn(env: &Env, roles: &mut Roles, role: &str) -> anyhow::Result<()> {
         .env("HTTP_ADDR", format!("127.0.0.1:{}", env.http_port))
         .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
         .env("WORKER_GROUP_ID", &env.group)
+        .env("WORKER_BATCHES_IN_FLIGHT", env.batches_in_flight.to_string())
         .env("REPLY_DEADLINE_MS", "30000")
         .env("GATEWAY_DB_POOL", "32")
         .env("CARDFLOW_EXIT_ON_STDIN_EOF", "1")
@@ -733,6 +736,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         http_port: free_port(),
         group: format!("bench-{tag}-worker"),
         broker_per_phase: a.broker_per_phase.clone(),
+        batches_in_flight: a.batches_in_flight,
     };
     let pool = cardflow_ledger::connect(&env.database_url, 4).await?;
     cardflow_ledger::migrate(&pool).await?;
@@ -831,7 +835,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         drop(roles);
         drain_tps = drain(&env, &picker, a.drain_commands).await?;
         eprintln!("bench: ledger ceiling, {} commands through the batch transaction alone …", a.drain_commands);
-        ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.ledger_in_flight).await?;
+        ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.batches_in_flight).await?;
     }
     let deadlocks: i64 =
         sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
@@ -871,6 +875,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     figures.insert("async_concurrency".into(), json!(a.async_concurrency));
     figures.insert("workers".into(), json!(a.workers));
     figures.insert("partitions".into(), json!(a.partitions));
+    figures.insert("batches_in_flight".into(), json!(a.batches_in_flight));
     figures.insert("skew".into(), json!(a.skew));
     figures.insert("mode".into(), json!(a.mode));
     figures.insert("fetch_wait_ms".into(), json!(kafka.fetch_wait_ms));
@@ -887,13 +892,14 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
 
     println!();
     println!(
-        "cardflow bench ({} s phases, {} clients sync, {} async, {} skew, {} worker(s), {} partitions, {})",
+        "cardflow bench ({} s phases, {} clients sync, {} async, {} skew, {} worker(s), {} partitions, {} batches in flight, {})",
         a.duration,
         a.concurrency,
         a.async_concurrency,
         a.skew,
         a.workers,
         a.partitions,
+        a.batches_in_flight,
         if a.broker_per_phase.is_some() { "an empty broker per phase" } else { "one broker" }
     );
     println!(
