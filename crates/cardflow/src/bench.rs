@@ -60,8 +60,8 @@ pub struct BenchArgs {
     ledger_batch: usize,
     /// The workers' `WORKER_BATCHES_IN_FLIGHT`; the ledger ceiling runs as many
     /// transactions at once, as a worker that is behind by full batches does.
-    #[arg(long, env = "WORKER_BATCHES_IN_FLIGHT", default_value_t = 2)]
-    batches_in_flight: usize,
+    #[arg(long, env = "WORKER_BATCHES_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    batches_in_flight: u16,
     /// pgbench run length in seconds (0 skips the reference).
     #[arg(long, default_value_t = 15)]
     pgbench_seconds: u64,
@@ -132,7 +132,7 @@ struct Env {
     http_port: u16,
     group: String,
     broker_per_phase: Option<String>,
-    batches_in_flight: usize,
+    batches_in_flight: u16,
 }
 
 impl Env {
@@ -629,24 +629,30 @@ fn command(env: &Env, picker: &Picker) -> anyhow::Result<TransferCommand> {
 
 /// The ledger's own ceiling: the worker's batch transaction
 /// ([`cardflow_ledger::batch::apply_batch`]) called back to back with commands
-/// already in memory, in batches of `batch`, `lanes` transactions at once, the
-/// commands shared among them by member as a worker that is behind shares them
-/// among its batches in flight (by the partition of the member key). No broker, no decoding, no relay: what the drain
-/// would reach if Kafka and the rest cost nothing, and so how much of the gap to
-/// pgbench is the ledger's own work. Its outbox rows stay unpublished (no relay
-/// runs after it) and go with the bench database.
-async fn ledger_ceiling(env: &Env, picker: &Picker, commands: u64, batch: usize, lanes: usize) -> anyhow::Result<f64> {
+/// already in memory, in batches of `batch`, `in_flight` transactions at once.
+/// The commands are shared among them by member, so no two lock the same card,
+/// as with a worker that is behind (its batches in flight hold different
+/// partitions of the member key). No broker, no decoding, no relay: what the
+/// drain would reach if Kafka and the rest cost nothing, and so how much of the
+/// gap to pgbench is the ledger's own work. Its outbox rows stay unpublished (no
+/// relay runs after it) and go with the bench database.
+async fn ledger_ceiling(
+    env: &Env,
+    picker: &Picker,
+    commands: u64,
+    batch: usize,
+    in_flight: u16,
+) -> anyhow::Result<f64> {
     let env = &env.topics_for("ledger");
     let topics = cardflow_ledger::OutboxTopics {
         card_balance: env.bus.topics.card_balance.clone(),
         transfer_events: env.bus.topics.transfer_events.clone(),
     };
-    let lanes = lanes.max(1);
-    let mut per_lane: Vec<Vec<IncomingCommand>> = vec![Vec::new(); lanes];
+    let lanes = u64::from(in_flight.max(1));
+    let mut per_lane: Vec<Vec<IncomingCommand>> = vec![Vec::new(); lanes as usize];
     for _ in 0..commands {
         let command = command(env, picker)?;
-        per_lane[(command.request.user_id.get() % lanes as u64) as usize]
-            .push(IncomingCommand { command, traceparent: None });
+        per_lane[(command.request.user_id.get() % lanes) as usize].push(IncomingCommand { command, traceparent: None });
     }
     let today = chrono::Utc::now().date_naive();
     let pool = cardflow_ledger::connect(&env.database_url, lanes as u32).await?;
