@@ -198,7 +198,8 @@ pub async fn run_worker(
         } else if in_flight.is_empty() {
             break;
         }
-        let linger = linger_until.filter(|_| in_flight.is_empty() && !stopping);
+        // Set only while no batch is in flight (a batch start clears it).
+        let linger = linger_until.filter(|_| !stopping);
         tokio::select! {
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 match done {
