@@ -229,6 +229,18 @@ fn worker_lines(w: &WorkerArgs) -> Vec<(&'static str, String)> {
     ]
 }
 
+fn relay_lines(r: &RelayArgs) -> Vec<(&'static str, String)> {
+    vec![
+        ("RELAY_BATCH", r.relay_batch.to_string()),
+        ("RELAY_ROUNDS_IN_FLIGHT", r.relay_rounds_in_flight.to_string()),
+        ("RELAY_LINGER_MS", r.relay_linger_ms.to_string()),
+        ("RELAY_EVENTS_LINGER_MS", r.relay_events_linger_ms.to_string()),
+        ("RELAY_SWEEP_MS", r.relay_sweep_ms.to_string()),
+        ("RELAY_RETAIN_SECS", r.relay_retain_secs.to_string()),
+        ("AUDIT_INTERVAL_SECS", r.audit_interval_secs.to_string()),
+    ]
+}
+
 /// `/metrics`, `/healthz` and `/readyz` (database and broker) of a worker or relay.
 async fn serve_metrics(
     addr: std::net::SocketAddr,
@@ -335,7 +347,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Relay { db, kafka, relay, metrics } => {
             let mut lines = common_lines(&db, &kafka);
-            lines.push(("RELAY_BATCH", relay.relay_batch.to_string()));
+            lines.extend(relay_lines(&relay));
             lines.push(("METRICS_ADDR", metrics.metrics_addr.to_string()));
             print_config("relay", &lines);
             let shutdown = shutdown_token();
@@ -349,6 +361,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut lines = common_lines(&db, &kafka);
             lines.extend(gateway_lines(&gateway));
             lines.extend(worker_lines(&worker));
+            lines.extend(relay_lines(&relay));
             print_config("all", &lines);
             let shutdown = shutdown_token();
             let bus = kafka.bus();
