@@ -163,16 +163,8 @@ pub struct RelayArgs {
     /// How long published outbox rows are kept.
     #[arg(long, env = "RELAY_RETAIN_SECS", default_value_t = 3600)]
     pub relay_retain_secs: u64,
-    /// `linger.ms` of the producer of replies, for which requests wait.
     #[arg(long, env = "RELAY_LINGER_MS", default_value_t = 1)]
     pub relay_linger_ms: u32,
-    /// `linger.ms` of the producer of balance and transfer events.
-    #[arg(long, env = "RELAY_EVENTS_LINGER_MS", default_value_t = 5)]
-    pub relay_events_linger_ms: u32,
-    /// Rounds sent and not yet acknowledged, at most; 1 waits for each round
-    /// before reading the next.
-    #[arg(long, env = "RELAY_ROUNDS_IN_FLIGHT", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    pub relay_rounds_in_flight: u16,
     /// How often the active relay audits the ledger (metrics cardflow_audit_*).
     #[arg(long, env = "AUDIT_INTERVAL_SECS", default_value_t = 300)]
     pub audit_interval_secs: u64,
@@ -185,8 +177,6 @@ impl RelayArgs {
             sweep_interval: Duration::from_millis(self.relay_sweep_ms),
             retain_published: Duration::from_secs(self.relay_retain_secs),
             producer_linger_ms: self.relay_linger_ms,
-            events_linger_ms: self.relay_events_linger_ms,
-            rounds_in_flight: self.relay_rounds_in_flight as usize,
             audit_interval: Duration::from_secs(self.audit_interval_secs),
         }
     }

@@ -232,9 +232,7 @@ fn worker_lines(w: &WorkerArgs) -> Vec<(&'static str, String)> {
 fn relay_lines(r: &RelayArgs) -> Vec<(&'static str, String)> {
     vec![
         ("RELAY_BATCH", r.relay_batch.to_string()),
-        ("RELAY_ROUNDS_IN_FLIGHT", r.relay_rounds_in_flight.to_string()),
         ("RELAY_LINGER_MS", r.relay_linger_ms.to_string()),
-        ("RELAY_EVENTS_LINGER_MS", r.relay_events_linger_ms.to_string()),
         ("RELAY_SWEEP_MS", r.relay_sweep_ms.to_string()),
         ("RELAY_RETAIN_SECS", r.relay_retain_secs.to_string()),
         ("AUDIT_INTERVAL_SECS", r.audit_interval_secs.to_string()),

@@ -101,41 +101,21 @@ pub async fn insert(tx: &mut Transaction<'_, Postgres>, row: PreparedRow) -> Res
     Ok(())
 }
 
-/// Rows the relay reads at most at once, whatever their messages.
-const ROWS_PER_READ: usize = 1000;
-
-/// One read of the outbox.
-#[derive(Debug)]
-pub struct Unpublished {
-    pub rows: Vec<OutboxRow>,
-    /// The read stopped at its limit: more rows may be waiting.
-    pub full: bool,
-}
-
-/// The oldest unpublished rows not in `excluding` (rows sent and not yet
-/// acknowledged), in id order: as many as hold fewer than `messages` messages
-/// before the last one (so always at least one row, if any waits).
-pub async fn unpublished(pool: &PgPool, messages: i64, excluding: &[i64]) -> Result<Unpublished, LedgerError> {
+/// The oldest unpublished rows, in id order: as many as hold fewer than
+/// `messages` messages before the last one (so always at least one row).
+pub async fn unpublished(pool: &PgPool, messages: i64) -> Result<Vec<OutboxRow>, LedgerError> {
     let rows = sqlx::query(
-        "SELECT o.id, o.messages, w.before + o.message_count AS through
+        "SELECT o.id, o.messages
          FROM (SELECT id, sum(message_count) OVER (ORDER BY id) - message_count AS before
-               FROM outbox WHERE published_at IS NULL AND id <> ALL($2) ORDER BY id LIMIT $3) w
+               FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT 1000) w
          JOIN outbox o ON o.id = w.id
          WHERE w.before < $1
          ORDER BY o.id",
     )
     .bind(messages)
-    .bind(excluding)
-    .bind(ROWS_PER_READ as i64)
     .fetch_all(pool)
     .await?;
-    let through: i64 = match rows.last() {
-        Some(r) => r.try_get("through")?,
-        None => 0,
-    };
-    let full = rows.len() >= ROWS_PER_READ || through >= messages;
-    let rows = rows
-        .iter()
+    rows.iter()
         .map(|r| {
             let id: i64 = r.try_get("id")?;
             let text: &str = r.try_get("messages")?;
@@ -143,8 +123,7 @@ pub async fn unpublished(pool: &PgPool, messages: i64, excluding: &[i64]) -> Res
                 .map_err(|e| LedgerError::Corrupt(format!("outbox row {id} does not decode: {e}")))?;
             Ok(OutboxRow { id, messages })
         })
-        .collect::<Result<_, LedgerError>>()?;
-    Ok(Unpublished { rows, full })
+        .collect()
 }
 
 pub async fn mark_published(pool: &PgPool, ids: &[i64]) -> Result<(), LedgerError> {

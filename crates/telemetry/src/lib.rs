@@ -93,7 +93,6 @@ pub struct Metrics {
     pub relay_parked: IntCounterVec,
     pub relay_publish_duration: Histogram,
     pub relay_active: IntGauge,
-    pub relay_rounds_in_flight: IntGauge,
     pub audit_violations: IntGauge,
     pub audit_last_run: Gauge,
     pub build_info: IntGaugeVec,
@@ -267,7 +266,7 @@ impl Metrics {
                 &r,
                 Histogram::with_opts(hist(
                     "cardflow_relay_publish_duration_seconds",
-                    "Time from sending one relay round until the broker acknowledged all of it",
+                    "Time to publish one outbox sweep until acknowledged",
                     LATENCY_BUCKETS.to_vec(),
                 ))
                 .unwrap(),
@@ -275,14 +274,6 @@ impl Metrics {
             relay_active: reg(
                 &r,
                 IntGauge::new("cardflow_relay_active", "1 while this process holds the relay lock").unwrap(),
-            ),
-            relay_rounds_in_flight: reg(
-                &r,
-                IntGauge::new(
-                    "cardflow_relay_rounds_in_flight",
-                    "Relay rounds sent to the broker and not yet acknowledged",
-                )
-                .unwrap(),
             ),
             audit_violations: reg(
                 &r,
