@@ -176,6 +176,25 @@ fn fresh_broker(command: &str) -> anyhow::Result<String> {
     }
 }
 
+/// Marks as published the outbox rows that earlier phases' relays left behind.
+/// A phase's roles are killed when it ends, so the rows its relay had not yet
+/// marked stay unpublished, addressed to that phase's topics. With a broker per
+/// phase those topics are gone: the next phase's relay would read those rows first
+/// and wait for a broker that cannot take them (30 s a round, then again),
+/// holding up every reply behind them. No one reads an ended phase's topics.
+async fn set_aside_earlier_phases_outbox(env: &Env) -> anyhow::Result<()> {
+    let pool = cardflow_ledger::connect(&env.database_url, 1).await?;
+    let set_aside = sqlx::query("UPDATE outbox SET published_at = now() WHERE published_at IS NULL")
+        .execute(&pool)
+        .await?
+        .rows_affected();
+    pool.close().await;
+    if set_aside > 0 {
+        eprintln!("bench: {set_aside} outbox rows of earlier phases set aside as published (their phase has ended)");
+    }
+    Ok(())
+}
+
 /// Starts a gateway, a relay and `workers` workers for one phase on topics of its
 /// own, and warms them up (connections, the consumer group, the key cache).
 ///
@@ -187,6 +206,7 @@ fn fresh_broker(command: &str) -> anyhow::Result<String> {
 async fn start_phase(base: &Env, phase: &str, workers: usize, picker: &Picker) -> anyhow::Result<(Env, Roles)> {
     let env = base.phase(phase)?;
     env.bus.ensure_topics().await?;
+    set_aside_earlier_phases_outbox(&env).await?;
     let mut roles = Roles { children: Vec::new() };
     spawn(&env, &mut roles, "gateway")?;
     spawn(&env, &mut roles, "relay")?;
