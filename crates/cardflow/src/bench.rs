@@ -1003,8 +1003,12 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "phase", "tps", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
     );
+    let sync_row = match a.rate {
+        Some(r) => format!("sync (open loop at {r:.0}/s)"),
+        None => "sync (closed loop, max)".to_string(),
+    };
     for (name, r) in [
-        ("sync (closed loop, max)", &sync),
+        (sync_row.as_str(), &sync),
         (HALF_ROW, &sync_half),
         ("async submit (202)", &asynchronous),
         ("hot card (sync)", &hot),
@@ -1027,13 +1031,22 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
             println!("{:<34} {:>10} {}", "  p99 of each of its runs (ms)", "", each.join(", "));
         }
     }
-    println!("{:<34} {:>10.0}", "async applied end to end", async_tps);
-    println!("{:<34} {:>10.0}", "worker drain (commands/s)", drain_tps);
-    println!("{:<34} {:>10.0}", "ledger ceiling (commands/s)", ledger_tps);
-    println!("{:<34} {:>10.0}", "pgbench TPC-B -c 8 -j 2 (tps)", pgbench_tps);
-    println!("{:<34} {:>10.2}", "drain / pgbench", ratio(drain_tps));
-    println!("{:<34} {:>10.2}", "async applied / pgbench", ratio(async_tps));
-    println!("{:<34} {:>10.2}", "ledger ceiling / pgbench", ratio(ledger_tps));
+    // A figure this run did not measure says so: a 0 would read as a measurement.
+    let shown = |value: f64, measured: bool, decimals: usize| {
+        if measured {
+            format!("{value:.decimals$}")
+        } else {
+            "not run".to_string()
+        }
+    };
+    let with_pgbench = pgbench_tps > 0.0;
+    println!("{:<34} {:>10}", "async applied end to end", shown(async_tps, run_async, 0));
+    println!("{:<34} {:>10}", "worker drain (commands/s)", shown(drain_tps, run_async, 0));
+    println!("{:<34} {:>10}", "ledger ceiling (commands/s)", shown(ledger_tps, run_async, 0));
+    println!("{:<34} {:>10}", "pgbench TPC-B -c 8 -j 2 (tps)", shown(pgbench_tps, with_pgbench, 0));
+    println!("{:<34} {:>10}", "drain / pgbench", shown(ratio(drain_tps), run_async && with_pgbench, 2));
+    println!("{:<34} {:>10}", "async applied / pgbench", shown(ratio(async_tps), run_async && with_pgbench, 2));
+    println!("{:<34} {:>10}", "ledger ceiling / pgbench", shown(ratio(ledger_tps), run_async && with_pgbench, 2));
     println!("{:<34} {:>10.1} / {:.1}", "broker round trip p50 / p99 (ms)", rtt_p50, rtt_p99);
     println!(
         "result codes (sync): {:?}; hot card: {:?}; transport errors: {}",
