@@ -427,10 +427,11 @@ async fn load(
     });
     let started = Instant::now();
     let until = started + duration;
+    let time_zone = ClientTimeZone::parse("UTC").expect("UTC is a time zone");
     let per_client_interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
     let clients: Vec<_> = (0..concurrency)
         .map(|_| {
-            let client = LoadClient { port, creds: creds.clone(), picker: picker.clone(), asynchronous };
+            let client = LoadClient { port, creds: creds.clone(), time_zone, picker: picker.clone(), asynchronous };
             tokio::spawn(client.run(until, per_client_interval))
         })
         .collect();
@@ -446,6 +447,7 @@ async fn load(
 struct LoadClient {
     port: u16,
     creds: Arc<Credentials>,
+    time_zone: ClientTimeZone,
     picker: Picker,
     asynchronous: bool,
 }
@@ -483,7 +485,7 @@ impl LoadClient {
                 body: raw.as_bytes(),
                 encrypt: false,
                 correlation_id: Some(unique_correlation_id()),
-                time_zone: ClientTimeZone::parse("UTC").expect("UTC is a time zone"),
+                time_zone: self.time_zone,
                 now: chrono::Utc::now(),
             },
         );
