@@ -116,6 +116,35 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
     assert_eq!(figures["conserved"], true);
 }
 
+#[tokio::test]
+async fn a_bench_run_writes_null_for_the_figures_it_did_not_measure() {
+    let json = std::env::temp_dir().join(format!("cardflow-bench-sync-{}.json", std::process::id()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardflow"))
+        .args(["bench", "--quick", "--mode", "sync", "--pgbench-seconds", "0", "--json"])
+        .arg(&json)
+        .env("DATABASE_URL", std::env::var("DATABASE_URL").unwrap())
+        .env("KAFKA_BROKERS", std::env::var("KAFKA_BROKERS").unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for field in [
+        "pgbench_tps",
+        "async_tps",
+        "drain_tps",
+        "ledger_tps",
+        "drain_vs_pgbench_ratio",
+        "async_vs_pgbench_ratio",
+        "drain_vs_ledger_ratio",
+        "async_submit_p99_ms",
+    ] {
+        assert!(figures[field].is_null(), "{field} was not measured but reads {}", figures[field]);
+    }
+    assert!(figures["sync_p99_ms"].as_f64().is_some_and(|v| v > 0.0), "the sync phase ran");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.lines().any(|l| l.starts_with("worker drain") && l.ends_with("not run")), "{table}");
+}
+
 /// A minimal OTLP/HTTP trace receiver: every span POSTed to `/v1/traces`, as
 /// (service name, span name, trace id, span id, parent span id).
 type ReceivedSpan = (String, String, Vec<u8>, Vec<u8>, Vec<u8>);

@@ -82,7 +82,8 @@ pub struct BenchArgs {
     /// Write every figure as JSON here.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Tiny numbers, for a smoke run.
+    /// Tiny numbers, for a smoke run: caps the duration (2 s), members (20), drain
+    /// commands (500), pgbench seconds (2) and clients (8); smaller ones given stay.
     #[arg(long)]
     quick: bool,
     /// Offered load (transfers/s) of the sync and async phases, open loop; without
@@ -810,11 +811,13 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
             a.workers
         );
     }
+    // `--quick` caps the numbers rather than setting them, so that a smaller one
+    // given beside it (`--pgbench-seconds 0`: no reference) still holds.
     if a.quick {
-        a.duration = 2;
-        a.members = 20;
-        a.drain_commands = 500;
-        a.pgbench_seconds = 2;
+        a.duration = a.duration.min(2);
+        a.members = a.members.min(20);
+        a.drain_commands = a.drain_commands.min(500);
+        a.pgbench_seconds = a.pgbench_seconds.min(2);
         a.concurrency = a.concurrency.min(8);
         a.async_concurrency = a.async_concurrency.min(8);
         a.half_runs = a.half_runs.min(2);
@@ -856,7 +859,6 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     } else {
         0.0
     };
-    figures.insert("pgbench_tps".into(), json!(pgbench_tps));
 
     let (rtt_p50, rtt_p99) = broker_round_trip(&env.bus, if a.quick { 20 } else { 300 }).await?;
     figures.insert("broker_rtt_p50_ms".into(), json!(rtt_p50));
@@ -950,23 +952,29 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     let conserved = total_after == total_before;
 
     let ratio = |x: f64| if pgbench_tps > 0.0 { x / pgbench_tps } else { 0.0 };
+    // A figure this run did not measure is null, as the table says "not run": a 0
+    // would read as a measurement to whatever compares runs.
+    let figure = |value: f64, measured: bool| if measured { json!(value) } else { serde_json::Value::Null };
+    let with_pgbench = pgbench_tps > 0.0;
+    figures.insert("pgbench_tps".into(), figure(pgbench_tps, with_pgbench));
     for (name, r) in [("sync", &sync), ("sync_half", &sync_half), ("async_submit", &asynchronous), ("hot", &hot)] {
-        figures.insert(format!("{name}_tps"), json!(r.tps()));
+        let ran = r.latency_us.is_some();
+        figures.insert(format!("{name}_tps"), figure(r.tps(), ran));
         for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")] {
-            figures.insert(format!("{name}_{label}_ms"), json!(r.pct_ms(q)));
+            figures.insert(format!("{name}_{label}_ms"), figure(r.pct_ms(q), ran));
         }
-        figures.insert(format!("{name}_max_ms"), json!(r.max_ms()));
+        figures.insert(format!("{name}_max_ms"), figure(r.max_ms(), ran));
         figures.insert(format!("{name}_codes"), json!(r.codes));
         figures.insert(format!("{name}_errors"), json!(r.errors));
     }
-    figures.insert("async_tps".into(), json!(async_tps));
-    figures.insert("drain_tps".into(), json!(drain_tps));
-    figures.insert("drain_vs_pgbench_ratio".into(), json!(ratio(drain_tps)));
-    figures.insert("async_vs_pgbench_ratio".into(), json!(ratio(async_tps)));
-    figures.insert("ledger_tps".into(), json!(ledger_tps));
-    figures.insert("ledger_vs_pgbench_ratio".into(), json!(ratio(ledger_tps)));
-    figures.insert("drain_vs_ledger_ratio".into(), json!(if ledger_tps > 0.0 { drain_tps / ledger_tps } else { 0.0 }));
-    figures.insert("sync_half_rate".into(), json!(half_rate));
+    figures.insert("async_tps".into(), figure(async_tps, run_async));
+    figures.insert("drain_tps".into(), figure(drain_tps, run_async));
+    figures.insert("drain_vs_pgbench_ratio".into(), figure(ratio(drain_tps), run_async && with_pgbench));
+    figures.insert("async_vs_pgbench_ratio".into(), figure(ratio(async_tps), run_async && with_pgbench));
+    figures.insert("ledger_tps".into(), figure(ledger_tps, run_async));
+    figures.insert("ledger_vs_pgbench_ratio".into(), figure(ratio(ledger_tps), run_async && with_pgbench));
+    figures.insert("drain_vs_ledger_ratio".into(), figure(drain_tps / ledger_tps, run_async && ledger_tps > 0.0));
+    figures.insert("sync_half_rate".into(), figure(half_rate, run_sync));
     figures.insert("sync_half_runs_p99_ms".into(), json!(half_run_p99s));
     figures.insert("audit_passed".into(), json!(report.passed()));
     figures.insert("conserved".into(), json!(conserved));
@@ -1041,7 +1049,6 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
             "not run".to_string()
         }
     };
-    let with_pgbench = pgbench_tps > 0.0;
     println!("{:<34} {:>10}", "async applied end to end", shown(async_tps, run_async, 0));
     println!("{:<34} {:>10}", "worker drain (commands/s)", shown(drain_tps, run_async, 0));
     println!("{:<34} {:>10}", "ledger ceiling (commands/s)", shown(ledger_tps, run_async, 0));
