@@ -79,23 +79,27 @@ async fn health_and_readiness_answer() {
     }
 }
 
-#[tokio::test]
-async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
-    let json = std::env::temp_dir().join(format!("cardflow-bench-{}.json", std::process::id()));
+/// Runs `cardflow bench --quick` with `args` on the test stack; its table and the
+/// figures it wrote with `--json`. The run must pass.
+fn quick_bench(name: &str, args: &[&str]) -> (String, serde_json::Value) {
+    let json = std::env::temp_dir().join(format!("cardflow-bench-{name}-{}.json", std::process::id()));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardflow"))
-        .args(["bench", "--quick", "--pgbench-seconds", "1", "--drain-commands", "200", "--json"])
+        .args(["bench", "--quick"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .env("DATABASE_URL", std::env::var("DATABASE_URL").unwrap())
         .env("KAFKA_BROKERS", std::env::var("KAFKA_BROKERS").unwrap())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "bench failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "bench failed:\n{table}\n{}", String::from_utf8_lossy(&out.stderr));
+    (table, serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap())
+}
+
+#[tokio::test]
+async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
+    let (_, figures) = quick_bench("all", &["--pgbench-seconds", "1", "--drain-commands", "200"]);
     for field in [
         "pgbench_tps",
         "drain_tps",
@@ -118,16 +122,7 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
 
 #[tokio::test]
 async fn a_bench_run_writes_null_for_the_figures_it_did_not_measure() {
-    let json = std::env::temp_dir().join(format!("cardflow-bench-sync-{}.json", std::process::id()));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cardflow"))
-        .args(["bench", "--quick", "--mode", "sync", "--pgbench-seconds", "0", "--json"])
-        .arg(&json)
-        .env("DATABASE_URL", std::env::var("DATABASE_URL").unwrap())
-        .env("KAFKA_BROKERS", std::env::var("KAFKA_BROKERS").unwrap())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "bench failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let figures: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (table, figures) = quick_bench("sync", &["--mode", "sync", "--pgbench-seconds", "0"]);
     for field in [
         "pgbench_tps",
         "async_tps",
@@ -141,7 +136,6 @@ async fn a_bench_run_writes_null_for_the_figures_it_did_not_measure() {
         assert!(figures[field].is_null(), "{field} was not measured but reads {}", figures[field]);
     }
     assert!(figures["sync_p99_ms"].as_f64().is_some_and(|v| v > 0.0), "the sync phase ran");
-    let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.lines().any(|l| l.starts_with("worker drain") && l.ends_with("not run")), "{table}");
 }
 
