@@ -951,30 +951,35 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     let total_after = cardflow_ledger::audit::total_balance(&pool).await?;
     let conserved = total_after == total_before;
 
-    let ratio = |x: f64| if pgbench_tps > 0.0 { x / pgbench_tps } else { 0.0 };
-    // A figure this run did not measure is null, as the table says "not run": a 0
+    // What this run measured, decided once for the table and the JSON: a figure it
+    // did not measure is `not run` in one and null in the other, never a 0 that
     // would read as a measurement to whatever compares runs.
-    let figure = |value: f64, measured: bool| if measured { json!(value) } else { serde_json::Value::Null };
-    let with_pgbench = pgbench_tps > 0.0;
-    figures.insert("pgbench_tps".into(), figure(pgbench_tps, with_pgbench));
+    let measured = |value: f64, ran: bool| ran.then_some(value);
+    let pgbench = measured(pgbench_tps, pgbench_tps > 0.0);
+    let async_applied = measured(async_tps, run_async);
+    let drain = measured(drain_tps, run_async);
+    let ledger = measured(ledger_tps, run_async);
+    let vs_pgbench = |x: Option<f64>| Some(x? / pgbench?);
+    let drain_vs_ledger = drain.zip(ledger.filter(|l| *l > 0.0)).map(|(d, l)| d / l);
+    figures.insert("pgbench_tps".into(), json!(pgbench));
     for (name, r) in [("sync", &sync), ("sync_half", &sync_half), ("async_submit", &asynchronous), ("hot", &hot)] {
         let ran = r.latency_us.is_some();
-        figures.insert(format!("{name}_tps"), figure(r.tps(), ran));
+        figures.insert(format!("{name}_tps"), json!(measured(r.tps(), ran)));
         for (q, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p999")] {
-            figures.insert(format!("{name}_{label}_ms"), figure(r.pct_ms(q), ran));
+            figures.insert(format!("{name}_{label}_ms"), json!(measured(r.pct_ms(q), ran)));
         }
-        figures.insert(format!("{name}_max_ms"), figure(r.max_ms(), ran));
+        figures.insert(format!("{name}_max_ms"), json!(measured(r.max_ms(), ran)));
         figures.insert(format!("{name}_codes"), json!(r.codes));
         figures.insert(format!("{name}_errors"), json!(r.errors));
     }
-    figures.insert("async_tps".into(), figure(async_tps, run_async));
-    figures.insert("drain_tps".into(), figure(drain_tps, run_async));
-    figures.insert("drain_vs_pgbench_ratio".into(), figure(ratio(drain_tps), run_async && with_pgbench));
-    figures.insert("async_vs_pgbench_ratio".into(), figure(ratio(async_tps), run_async && with_pgbench));
-    figures.insert("ledger_tps".into(), figure(ledger_tps, run_async));
-    figures.insert("ledger_vs_pgbench_ratio".into(), figure(ratio(ledger_tps), run_async && with_pgbench));
-    figures.insert("drain_vs_ledger_ratio".into(), figure(drain_tps / ledger_tps, run_async && ledger_tps > 0.0));
-    figures.insert("sync_half_rate".into(), figure(half_rate, run_sync));
+    figures.insert("async_tps".into(), json!(async_applied));
+    figures.insert("drain_tps".into(), json!(drain));
+    figures.insert("drain_vs_pgbench_ratio".into(), json!(vs_pgbench(drain)));
+    figures.insert("async_vs_pgbench_ratio".into(), json!(vs_pgbench(async_applied)));
+    figures.insert("ledger_tps".into(), json!(ledger));
+    figures.insert("ledger_vs_pgbench_ratio".into(), json!(vs_pgbench(ledger)));
+    figures.insert("drain_vs_ledger_ratio".into(), json!(drain_vs_ledger));
+    figures.insert("sync_half_rate".into(), json!(measured(half_rate, run_sync)));
     figures.insert("sync_half_runs_p99_ms".into(), json!(half_run_p99s));
     figures.insert("audit_passed".into(), json!(report.passed()));
     figures.insert("conserved".into(), json!(conserved));
@@ -1013,10 +1018,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         "{:<34} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "phase", "tps", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
     );
-    let sync_row = match a.rate {
-        Some(r) => format!("sync (open loop at {r:.0}/s)"),
-        None => "sync (closed loop, max)".to_string(),
-    };
+    let sync_row = format!("sync ({loop_kind}{})", if a.rate.is_some() { "" } else { ", max" });
     for (name, r) in [
         (sync_row.as_str(), &sync),
         (HALF_ROW, &sync_half),
@@ -1041,21 +1043,17 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
             println!("{:<34} {:>10} {}", "  p99 of each of its runs (ms)", "", each.join(", "));
         }
     }
-    // A figure this run did not measure says so: a 0 would read as a measurement.
-    let shown = |value: f64, measured: bool, decimals: usize| {
-        if measured {
-            format!("{value:.decimals$}")
-        } else {
-            "not run".to_string()
-        }
+    let shown = |value: Option<f64>, decimals: usize| match value {
+        Some(v) => format!("{v:.decimals$}"),
+        None => "not run".to_string(),
     };
-    println!("{:<34} {:>10}", "async applied end to end", shown(async_tps, run_async, 0));
-    println!("{:<34} {:>10}", "worker drain (commands/s)", shown(drain_tps, run_async, 0));
-    println!("{:<34} {:>10}", "ledger ceiling (commands/s)", shown(ledger_tps, run_async, 0));
-    println!("{:<34} {:>10}", "pgbench TPC-B -c 8 -j 2 (tps)", shown(pgbench_tps, with_pgbench, 0));
-    println!("{:<34} {:>10}", "drain / pgbench", shown(ratio(drain_tps), run_async && with_pgbench, 2));
-    println!("{:<34} {:>10}", "async applied / pgbench", shown(ratio(async_tps), run_async && with_pgbench, 2));
-    println!("{:<34} {:>10}", "ledger ceiling / pgbench", shown(ratio(ledger_tps), run_async && with_pgbench, 2));
+    println!("{:<34} {:>10}", "async applied end to end", shown(async_applied, 0));
+    println!("{:<34} {:>10}", "worker drain (commands/s)", shown(drain, 0));
+    println!("{:<34} {:>10}", "ledger ceiling (commands/s)", shown(ledger, 0));
+    println!("{:<34} {:>10}", "pgbench TPC-B -c 8 -j 2 (tps)", shown(pgbench, 0));
+    println!("{:<34} {:>10}", "drain / pgbench", shown(vs_pgbench(drain), 2));
+    println!("{:<34} {:>10}", "async applied / pgbench", shown(vs_pgbench(async_applied), 2));
+    println!("{:<34} {:>10}", "ledger ceiling / pgbench", shown(vs_pgbench(ledger), 2));
     println!("{:<34} {:>10.1} / {:.1}", "broker round trip p50 / p99 (ms)", rtt_p50, rtt_p99);
     println!(
         "result codes (sync): {:?}; hot card: {:?}; transport errors: {}",
