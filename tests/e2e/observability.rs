@@ -139,6 +139,21 @@ async fn a_bench_run_writes_null_for_the_figures_it_did_not_measure() {
     assert!(table.lines().any(|l| l.starts_with("worker drain") && l.ends_with("not run")), "{table}");
 }
 
+#[tokio::test]
+async fn pgbench_runs_before_the_async_phase_and_after_the_ledger_and_the_ratios_use_their_mean() {
+    let (table, figures) =
+        quick_bench("reference", &["--mode", "async", "--pgbench-seconds", "1", "--drain-commands", "200"]);
+    let runs: Vec<f64> =
+        figures["pgbench_runs_tps"].as_array().expect("each pgbench run").iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(runs.iter().all(|t| *t > 0.0), "{runs:?}");
+    let mean = (runs[0] + runs[1]) / 2.0;
+    assert!((figures["pgbench_tps"].as_f64().unwrap() - mean).abs() < 1e-6, "{}", figures["pgbench_tps"]);
+    let drain_ratio = figures["drain_tps"].as_f64().unwrap() / mean;
+    assert!((figures["drain_vs_pgbench_ratio"].as_f64().unwrap() - drain_ratio).abs() < 1e-9);
+    assert!(table.lines().any(|l| l.starts_with("  before async, after the ledger")), "{table}");
+}
+
 /// A minimal OTLP/HTTP trace receiver: every span POSTed to `/v1/traces`, as
 /// (service name, span name, trace id, span id, parent span id).
 type ReceivedSpan = (String, String, Vec<u8>, Vec<u8>, Vec<u8>);
