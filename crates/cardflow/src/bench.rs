@@ -638,8 +638,10 @@ impl Progress {
     }
 }
 
-fn pgbench(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
-    let bin = ["/usr/bin/pgbench"]
+/// Found before the first phase, so that a machine without pgbench fails the run at
+/// once rather than after minutes of phases.
+fn pgbench_bin() -> anyhow::Result<String> {
+    ["/usr/bin/pgbench"]
         .into_iter()
         .map(str::to_string)
         .chain(
@@ -650,13 +652,16 @@ fn pgbench(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
                 .map(|d| d.path().join("bin/pgbench").display().to_string()),
         )
         .find(|p| std::path::Path::new(p).exists())
-        .context("pgbench not found (Debian: postgresql-client / postgresql)")?;
-    let init = Command::new(&bin).args(["-i", "-q", "-s", "8", database_url]).output()?;
+        .context("pgbench not found (Debian: postgresql-client / postgresql); --pgbench-seconds 0 runs without it")
+}
+
+fn pgbench(bin: &str, database_url: &str, seconds: u64) -> anyhow::Result<f64> {
+    let init = Command::new(bin).args(["-i", "-q", "-s", "8", database_url]).output()?;
     if !init.status.success() {
         bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
     }
     let run =
-        Command::new(&bin).args(["-c", "8", "-j", "2", "-T", &seconds.to_string(), "-n", database_url]).output()?;
+        Command::new(bin).args(["-c", "8", "-j", "2", "-T", &seconds.to_string(), "-n", database_url]).output()?;
     let out = String::from_utf8_lossy(&run.stdout);
     let tps = out
         .lines()
@@ -671,7 +676,14 @@ fn pgbench(database_url: &str, seconds: u64) -> anyhow::Result<f64> {
 /// run leaves no tables behind. The bench's own database is vacuumed and
 /// checkpointed first: an autovacuum of what the phases before wrote would
 /// otherwise share the cores with pgbench and flatter every ratio.
-async fn reference(admin: &PgPool, bench: &PgPool, database_url: &str, tag: &str, seconds: u64) -> anyhow::Result<f64> {
+async fn reference(
+    bin: &str,
+    admin: &PgPool,
+    bench: &PgPool,
+    database_url: &str,
+    tag: &str,
+    seconds: u64,
+) -> anyhow::Result<f64> {
     sqlx::raw_sql("VACUUM (ANALYZE)").execute(bench).await?;
     // CHECKPOINT needs a superuser or pg_checkpoint; without it pgbench still runs.
     if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(admin).await {
@@ -681,7 +693,8 @@ async fn reference(admin: &PgPool, bench: &PgPool, database_url: &str, tag: &str
     sqlx::query(&format!("CREATE DATABASE \"{pgdb}\"")).execute(admin).await?;
     eprintln!("bench: pgbench TPC-B-like -c 8 -j 2 -T {seconds} …");
     let url = replace_db(database_url, &pgdb);
-    let tps = tokio::task::spawn_blocking(move || pgbench(&url, seconds)).await?;
+    let bin = bin.to_string();
+    let tps = tokio::task::spawn_blocking(move || pgbench(&bin, &url, seconds)).await?;
     sqlx::query(&format!("DROP DATABASE \"{pgdb}\"")).execute(admin).await?;
     tps
 }
@@ -848,6 +861,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         a.async_concurrency = a.async_concurrency.min(8);
         a.half_runs = a.half_runs.min(2);
     }
+    let pgbench_bin = if a.pgbench_seconds > 0 { Some(pgbench_bin()?) } else { None };
     let tag = format!("{}_{:06x}", chrono::Utc::now().format("%H%M%S"), rand::random::<u32>() & 0xffffff);
     let db = format!("cardflow_bench_{tag}");
     let admin = cardflow_ledger::connect(database_url, 1).await?;
@@ -939,8 +953,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         eprintln!("bench: hot card, every transfer touches one card …");
         hot = load(phase.http_port, Picker::HotCard { cards: a.cards_per_member }, a.concurrency, d, false, None).await;
     }
-    if run_async && a.pgbench_seconds > 0 {
-        pgbench_runs.push(reference(&admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
+    if let Some(bin) = pgbench_bin.as_deref().filter(|_| run_async) {
+        pgbench_runs.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
     }
     if run_async {
         let (phase, roles) = start_phase(&env, "async", a.workers, &picker).await?;
@@ -961,8 +975,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         eprintln!("bench: ledger ceiling, {} commands through the batch transaction alone …", a.drain_commands);
         ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.batches_in_flight).await?;
     }
-    if a.pgbench_seconds > 0 {
-        pgbench_runs.push(reference(&admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
+    if let Some(bin) = pgbench_bin.as_deref() {
+        pgbench_runs.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
     }
     let deadlocks: i64 =
         sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
