@@ -953,10 +953,10 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         eprintln!("bench: hot card, every transfer touches one card …");
         hot = load(phase.http_port, Picker::HotCard { cards: a.cards_per_member }, a.concurrency, d, false, None).await;
     }
-    if let Some(bin) = pgbench_bin.as_deref().filter(|_| run_async) {
-        pgbench_runs.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
-    }
     if run_async {
+        if let Some(bin) = pgbench_bin.as_deref() {
+            pgbench_runs.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
+        }
         let (phase, roles) = start_phase(&env, "async", a.workers, &picker).await?;
         eprintln!("bench: async (Prefer: respond-async), {loop_kind} …");
         let progress = Progress::new(&phase)?;
