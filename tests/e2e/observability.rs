@@ -132,6 +132,10 @@ async fn a_bench_run_writes_null_for_the_figures_it_did_not_measure() {
         "async_vs_pgbench_ratio",
         "drain_vs_ledger_ratio",
         "async_submit_p99_ms",
+        "async_cpu_us",
+        "drain_cpu_us",
+        "ledger_cpu_us",
+        "pgbench_cpu_us",
     ] {
         assert!(figures[field].is_null(), "{field} was not measured but reads {}", figures[field]);
     }
@@ -152,6 +156,22 @@ async fn pgbench_runs_before_the_async_phase_and_after_the_ledger_and_the_ratios
     let drain_ratio = figures["drain_tps"].as_f64().unwrap() / mean;
     assert!((figures["drain_vs_pgbench_ratio"].as_f64().unwrap() - drain_ratio).abs() < 1e-9);
     assert!(table.lines().any(|l| l.starts_with("  before async, after the ledger")), "{table}");
+}
+
+#[tokio::test]
+async fn a_bench_run_reports_what_each_operation_cost_the_whole_machine_in_cpu() {
+    let (table, figures) =
+        quick_bench("cpu", &["--mode", "async", "--pgbench-seconds", "1", "--drain-commands", "200"]);
+    for phase in ["async", "drain", "ledger", "pgbench"] {
+        let us = figures[format!("{phase}_cpu_us")].as_f64();
+        assert!(us.is_some_and(|v| v > 0.0), "{phase}_cpu_us = {us:?}");
+        for share in ["kernel", "busy", "steal"] {
+            let pct = figures[format!("{phase}_cpu_{share}_pct")].as_f64();
+            assert!(pct.is_some_and(|v| (0.0..=100.0).contains(&v)), "{phase}_cpu_{share}_pct = {pct:?}");
+        }
+    }
+    assert!(table.lines().any(|l| l.starts_with("CPU of the whole machine")), "{table}");
+    assert!(table.lines().any(|l| l.trim_start().starts_with("pgbench (per transaction)")), "{table}");
 }
 
 /// A minimal OTLP/HTTP trace receiver: every span POSTed to `/v1/traces`, as

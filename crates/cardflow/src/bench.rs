@@ -4,6 +4,7 @@
 //! Postgres does with pgbench and what the broker's round trip costs. After the run it
 //! audits the ledger and checks conservation: a run that breaks an invariant fails.
 
+use crate::cpu::{CpuCost, CpuReading};
 use anyhow::{bail, Context};
 use cardflow_bus::rdkafka::consumer::{Consumer, StreamConsumer};
 use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
@@ -655,21 +656,24 @@ fn pgbench_bin() -> anyhow::Result<String> {
         .context("pgbench not found (Debian: postgresql-client / postgresql); --pgbench-seconds 0 runs without it")
 }
 
-fn pgbench(bin: &str, database_url: &str, seconds: u64) -> anyhow::Result<f64> {
+/// One pgbench run: its transactions per second and what each cost the machine
+/// (the timed run only, not the initialisation).
+fn pgbench(bin: &str, database_url: &str, seconds: u64) -> anyhow::Result<(f64, Option<CpuCost>)> {
     let init = Command::new(bin).args(["-i", "-q", "-s", "8", database_url]).output()?;
     if !init.status.success() {
         bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
     }
+    let cpu = CpuReading::now();
     let run =
         Command::new(bin).args(["-c", "8", "-j", "2", "-T", &seconds.to_string(), "-n", database_url]).output()?;
     let out = String::from_utf8_lossy(&run.stdout);
-    let tps = out
-        .lines()
-        .find(|l| l.starts_with("tps = "))
-        .and_then(|l| l["tps = ".len()..].split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no tps line in pgbench output")?;
-    Ok(tps)
+    let field = |prefix: &str| -> Option<f64> {
+        let line = out.lines().find(|l| l.starts_with(prefix))?;
+        line[prefix.len()..].split(|c: char| c.is_whitespace() || c == '/').find(|v| !v.is_empty())?.parse().ok()
+    };
+    let tps = field("tps = ").context("no tps line in pgbench output")?;
+    let transactions = field("number of transactions actually processed: ").unwrap_or(tps * seconds as f64);
+    Ok((tps, cpu.and_then(|c| c.cost_of(transactions))))
 }
 
 /// pgbench on a database of its own, dropped whether or not it ran, so that a failed
@@ -683,7 +687,7 @@ async fn reference(
     database_url: &str,
     tag: &str,
     seconds: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Option<CpuCost>)> {
     sqlx::raw_sql("VACUUM (ANALYZE)").execute(bench).await?;
     // CHECKPOINT needs a superuser or pg_checkpoint; without it pgbench still runs.
     if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(admin).await {
@@ -768,7 +772,7 @@ async fn ledger_ceiling(
     commands: u64,
     batch: usize,
     in_flight: u16,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Option<CpuCost>)> {
     let env = &env.topics_for("ledger");
     let topics = cardflow_ledger::OutboxTopics {
         card_balance: env.bus.topics.card_balance.clone(),
@@ -782,6 +786,7 @@ async fn ledger_ceiling(
     }
     let today = chrono::Utc::now().date_naive();
     let pool = cardflow_ledger::connect(&env.database_url, lanes as u32).await?;
+    let cpu = CpuReading::now();
     let started = Instant::now();
     // A task per lane, as the worker runs them: their Rust work runs side by side too.
     let runs = per_lane.into_iter().map(|lane| {
@@ -800,14 +805,15 @@ async fn ledger_ceiling(
         run??;
     }
     let elapsed = started.elapsed();
+    let cost = cpu.and_then(|c| c.cost_of(commands as f64));
     pool.close().await;
-    Ok(commands as f64 / elapsed.as_secs_f64().max(0.001))
+    Ok((commands as f64 / elapsed.as_secs_f64().max(0.001), cost))
 }
 
 /// Pre-loads `commands` into a commands topic no worker reads yet, then starts a
 /// worker on it and times how fast it applies them. The drain uses topics and a
 /// consumer group of its own, so no running worker has to leave or join a group.
-async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<f64> {
+async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<(f64, Option<CpuCost>)> {
     let env = &env.phase("drain")?;
     env.bus.ensure_topics().await?;
     let producer: FutureProducer = env.bus.producer(5)?;
@@ -835,10 +841,14 @@ async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<f64>
         r?;
     }
     eprintln!("bench: {commands} commands pre-loaded; starting a worker on them");
+    // The CPU from the worker's start counts its start-up too: a fraction of a
+    // second of one process against seconds of two cores.
+    let cpu = CpuReading::now();
     let mut roles = Roles { children: Vec::new() };
     spawn(env, &mut roles, "worker")?;
     let (first, last) = progress.wait_applied(0, commands as i64, Duration::from_secs(600)).await?;
-    Ok(commands as f64 / (last - first).as_secs_f64().max(0.001))
+    let cost = cpu.and_then(|c| c.cost_of(commands as f64));
+    Ok((commands as f64 / (last - first).as_secs_f64().max(0.001), cost))
 }
 
 pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyhow::Result<std::process::ExitCode> {
@@ -893,6 +903,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     // a reference measured long before the async phase and the drain made their
     // ratios say as much about the drift as about cardflow.
     let mut pgbench_runs: Vec<f64> = Vec::new();
+    let mut pgbench_cpu: Vec<CpuCost> = Vec::new();
+    let (mut async_cpu, mut drain_cpu, mut ledger_cpu) = (None, None, None);
 
     let (rtt_p50, rtt_p99) = broker_round_trip(&env.bus, if a.quick { 20 } else { 300 }).await?;
     figures.insert("broker_rtt_p50_ms".into(), json!(rtt_p50));
@@ -955,28 +967,35 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     }
     if run_async {
         if let Some(bin) = pgbench_bin.as_deref() {
-            pgbench_runs.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
+            let (tps, cpu) = reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?;
+            pgbench_runs.push(tps);
+            pgbench_cpu.extend(cpu);
         }
         let (phase, roles) = start_phase(&env, "async", a.workers, &picker).await?;
         eprintln!("bench: async (Prefer: respond-async), {loop_kind} …");
         let progress = Progress::new(&phase)?;
+        let cpu = CpuReading::now();
         let started = Instant::now();
         asynchronous = load(phase.http_port, picker.clone(), a.async_concurrency, d, true, a.rate).await;
         let accepted = *asynchronous.codes.get("000_009").unwrap_or(&0) as i64;
         let produced = progress.produced()?;
         let (_, applied_at) = progress.wait_applied(0, produced, Duration::from_secs(600)).await?;
         async_tps = accepted as f64 / (applied_at - started).as_secs_f64();
+        async_cpu = cpu.and_then(|c| c.cost_of(accepted as f64));
         // Its consumer must not outlive the phase's broker (`--broker-per-phase`).
         drop(progress);
 
         eprintln!("bench: worker drain of {} pre-loaded commands …", a.drain_commands);
         drop(roles);
-        drain_tps = drain(&env, &picker, a.drain_commands).await?;
+        (drain_tps, drain_cpu) = drain(&env, &picker, a.drain_commands).await?;
         eprintln!("bench: ledger ceiling, {} commands through the batch transaction alone …", a.drain_commands);
-        ledger_tps = ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.batches_in_flight).await?;
+        (ledger_tps, ledger_cpu) =
+            ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.batches_in_flight).await?;
     }
     if let Some(bin) = pgbench_bin.as_deref() {
-        pgbench_runs.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
+        let (tps, cpu) = reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?;
+        pgbench_runs.push(tps);
+        pgbench_cpu.extend(cpu);
     }
     let deadlocks: i64 =
         sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
@@ -1020,6 +1039,18 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     figures.insert("ledger_tps".into(), json!(ledger));
     figures.insert("ledger_vs_pgbench_ratio".into(), json!(vs_pgbench(ledger)));
     figures.insert("drain_vs_ledger_ratio".into(), json!(drain_vs_ledger));
+    let cpu_rows = [
+        ("async", "async applied (per transfer)", async_cpu),
+        ("drain", "worker drain (per command)", drain_cpu),
+        ("ledger", "ledger ceiling (per command)", ledger_cpu),
+        ("pgbench", "pgbench (per transaction)", crate::cpu::mean(&pgbench_cpu)),
+    ];
+    for (name, _, cost) in &cpu_rows {
+        figures.insert(format!("{name}_cpu_us"), json!(cost.map(|c| c.us_per_op)));
+        figures.insert(format!("{name}_cpu_kernel_pct"), json!(cost.map(|c| c.kernel_pct)));
+        figures.insert(format!("{name}_cpu_busy_pct"), json!(cost.map(|c| c.busy_pct)));
+        figures.insert(format!("{name}_cpu_steal_pct"), json!(cost.map(|c| c.steal_pct)));
+    }
     figures.insert("sync_half_rate".into(), json!(measured(half_rate, run_sync)));
     figures.insert("sync_half_runs_p99_ms".into(), json!(half_run_p99s));
     figures.insert("audit_passed".into(), json!(report.passed()));
@@ -1100,6 +1131,21 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     println!("{:<34} {:>10}", "async applied / pgbench", shown(vs_pgbench(async_applied), 2));
     println!("{:<34} {:>10}", "ledger ceiling / pgbench", shown(vs_pgbench(ledger), 2));
     println!("{:<34} {:>10.1} / {:.1}", "broker round trip p50 / p99 (ms)", rtt_p50, rtt_p99);
+    if cpu_rows.iter().any(|(_, _, c)| c.is_some()) {
+        println!(
+            "{:<34} {:>10} {:>9} {:>9} {:>9}",
+            "CPU of the whole machine", "µs per op", "kernel %", "busy %", "steal %"
+        );
+        for (_, label, cost) in &cpu_rows {
+            match cost {
+                Some(c) => println!(
+                    "  {label:<32} {:>10.1} {:>9.0} {:>9.0} {:>9.1}",
+                    c.us_per_op, c.kernel_pct, c.busy_pct, c.steal_pct
+                ),
+                None => println!("  {label:<32} {:>10}", "not run"),
+            }
+        }
+    }
     println!(
         "result codes (sync): {:?}; hot card: {:?}; transport errors: {}",
         sync.codes,

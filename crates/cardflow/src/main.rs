@@ -3,6 +3,7 @@
 mod bench;
 mod chart;
 mod config;
+mod cpu;
 mod events;
 mod sign;
 
