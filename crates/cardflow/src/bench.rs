@@ -614,17 +614,23 @@ impl Progress {
     }
 
     /// Waits until `target` commands are applied; returns the time of the last poll
-    /// that saw none beyond `base` yet (the start of the work, within one poll) and
-    /// the time the target was reached.
-    async fn wait_applied(&self, base: i64, target: i64, timeout: Duration) -> anyhow::Result<(Instant, Instant)> {
+    /// that saw none beyond `base` yet (the start of the work, within one poll), the
+    /// time the target was reached, and the machine's CPU reading at that last poll,
+    /// so that a worker's start-up is not counted as idle time of the work.
+    async fn wait_applied(
+        &self,
+        base: i64,
+        target: i64,
+        timeout: Duration,
+    ) -> anyhow::Result<(Instant, Instant, Option<CpuReading>)> {
         let deadline = Instant::now() + timeout;
-        let mut before_first = Instant::now();
+        let mut before_first = (Instant::now(), CpuReading::now());
         let mut started = false;
         loop {
-            let polled = Instant::now();
+            let polled = (Instant::now(), CpuReading::now());
             let n = self.applied()?;
             if n >= target {
-                return Ok((before_first, Instant::now()));
+                return Ok((before_first.0, Instant::now(), before_first.1));
             }
             if n > base {
                 started = true;
@@ -841,12 +847,9 @@ async fn drain(env: &Env, picker: &Picker, commands: u64) -> anyhow::Result<(f64
         r?;
     }
     eprintln!("bench: {commands} commands pre-loaded; starting a worker on them");
-    // The CPU from the worker's start counts its start-up too: a fraction of a
-    // second of one process against seconds of two cores.
-    let cpu = CpuReading::now();
     let mut roles = Roles { children: Vec::new() };
     spawn(env, &mut roles, "worker")?;
-    let (first, last) = progress.wait_applied(0, commands as i64, Duration::from_secs(600)).await?;
+    let (first, last, cpu) = progress.wait_applied(0, commands as i64, Duration::from_secs(600)).await?;
     let cost = cpu.and_then(|c| c.cost_of(commands as f64));
     Ok((commands as f64 / (last - first).as_secs_f64().max(0.001), cost))
 }
@@ -979,7 +982,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
         asynchronous = load(phase.http_port, picker.clone(), a.async_concurrency, d, true, a.rate).await;
         let accepted = *asynchronous.codes.get("000_009").unwrap_or(&0) as i64;
         let produced = progress.produced()?;
-        let (_, applied_at) = progress.wait_applied(0, produced, Duration::from_secs(600)).await?;
+        let (_, applied_at, _) = progress.wait_applied(0, produced, Duration::from_secs(600)).await?;
         async_tps = accepted as f64 / (applied_at - started).as_secs_f64();
         async_cpu = cpu.and_then(|c| c.cost_of(accepted as f64));
         // Its consumer must not outlive the phase's broker (`--broker-per-phase`).
