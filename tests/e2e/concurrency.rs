@@ -238,3 +238,68 @@ async fn a_backlog_applied_two_batches_at_a_time_keeps_each_members_order_and_co
     let out = audit(&sys);
     assert!(out.status.success(), "audit failed:\n{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// A statement prepared while `transfers` was vacuumed empty (a new deployment, or
+/// `make bench`'s `VACUUM` before its first transfer) must still probe the unique
+/// index once the table has grown: a cached generic plan scanned it, every key of
+/// every lookup, until the next `ANALYZE`.
+#[tokio::test]
+async fn a_lookup_prepared_while_transfers_was_empty_probes_its_index_once_the_table_has_grown() {
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: false, ..Roles::default() });
+    let pool = sys.pool().await;
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql("VACUUM (ANALYZE) transfers").execute(&mut *conn).await.unwrap();
+    sqlx::raw_sql(
+        "PREPARE lookup(text[], text[]) AS
+         SELECT t.transfer_id FROM unnest($1, $2) AS k(asp_id, correlation_id)
+         CROSS JOIN LATERAL (SELECT transfer_id FROM transfers
+                             WHERE transfers.asp_id = k.asp_id AND transfers.correlation_id = k.correlation_id
+                             LIMIT 1) t",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    // Postgres considers a generic plan from the sixth execution on.
+    for _ in 0..8 {
+        sqlx::raw_sql("EXECUTE lookup('{ASP000000000001}', '{nobody}')").execute(&mut *conn).await.unwrap();
+    }
+    sqlx::raw_sql(
+        "INSERT INTO transfers (transfer_id, asp_id, correlation_id, fingerprint, user_id, from_card_no, to_card_no,
+                                status, submitted_at)
+         SELECT gen_random_uuid(), 'ASP000000000001', 'grown-' || g, 'f', 1, '1', '2', 'COMPLETED', now()
+         FROM generate_series(1, 50000) g",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN (COSTS OFF) EXECUTE lookup('{ASP000000000001}', '{grown-49999}')")
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan"), "the lookup scans the table:\n{plan}");
+    assert!(!plan.contains("Seq Scan"), "the lookup scans the table:\n{plan}");
+}
+
+/// The worker keeps Postgres's plan cache for its batch statements, so its one
+/// read of a table that starts empty, the read of repeats, must never become a
+/// cached statement whose plan was made while `transfers` was empty.
+#[tokio::test]
+async fn the_workers_read_of_repeats_is_planned_on_every_call_never_cached() {
+    let sys = System::start(Roles { gateway: false, workers: 0, relay: false, ..Roles::default() });
+    let pool = cardflow_ledger::connect_with_cached_plans(&sys.database_url, 1).await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let keys = vec![("ASP000000000001".to_string(), "nobody".to_string())];
+    for _ in 0..8 {
+        let found = cardflow_ledger::transfers::find_many(&mut *conn, &keys).await.unwrap();
+        assert!(found.is_empty());
+    }
+    let cached: Vec<String> =
+        sqlx::query_scalar("SELECT statement FROM pg_prepared_statements WHERE statement LIKE '%FROM transfers%'")
+            .persistent(false)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+    assert!(cached.is_empty(), "the read of repeats is a cached statement: {cached:?}");
+}

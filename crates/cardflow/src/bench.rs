@@ -791,7 +791,8 @@ async fn ledger_ceiling(
         per_lane[(command.request.user_id.get() % lanes) as usize].push(IncomingCommand { command, traceparent: None });
     }
     let today = chrono::Utc::now().date_naive();
-    let pool = cardflow_ledger::connect(&env.database_url, lanes as u32).await?;
+    // The worker's pool, with the worker's plan cache.
+    let pool = cardflow_ledger::connect_with_cached_plans(&env.database_url, lanes as u32).await?;
     let cpu = CpuReading::now();
     let started = Instant::now();
     // A task per lane, as the worker runs them: their Rust work runs side by side too.

@@ -340,7 +340,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown_token();
             let bus = kafka.bus();
             bus.ensure_topics().await?;
-            let pool = cardflow_ledger::connect(&db.database_url, worker.worker_db_pool).await?;
+            let pool = cardflow_ledger::connect_with_cached_plans(&db.database_url, worker.worker_db_pool).await?;
             tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone(), bus.clone()));
             cardflow_worker::run_worker(worker.config(), pool, bus, shutdown).await?;
         }
@@ -365,7 +365,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown_token();
             let bus = kafka.bus();
             bus.ensure_topics().await?;
-            let worker_pool = cardflow_ledger::connect(&db.database_url, worker.worker_db_pool).await?;
+            let worker_pool =
+                cardflow_ledger::connect_with_cached_plans(&db.database_url, worker.worker_db_pool).await?;
             let relay_pool = cardflow_ledger::connect(&db.database_url, 4).await?;
             let gateway_pool = cardflow_ledger::connect(&db.database_url, gateway.gateway_db_pool).await?;
             let mut worker_task =

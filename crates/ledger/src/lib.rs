@@ -71,10 +71,36 @@ impl LedgerError {
     }
 }
 
-/// Opens a pool. `max_connections` is per role: the worker wants few, long
+/// Opens a pool whose connections plan every statement for the tables as they
+/// are now, never from a cached generic plan: the gateway's, the relay's and the
+/// tools'. `max_connections` is per role: the worker wants few, long
 /// transactions; the gateway many short reads.
+///
+/// A generic plan made while `transfers`, `submissions` or the outbox was vacuumed
+/// empty scans the table, and a pooled connection keeps it as the table grows
+/// until the next `ANALYZE` (autovacuum: a minute or more away). `make bench`
+/// saw async fall from 7000–9000/s to 1400–2200/s, five Postgres backends busy
+/// in the gateway's lookups and the worker's read of repeats, whenever its
+/// `VACUUM` ran before the first transfer; a deployment vacuumed before its first
+/// transfer would do the same. These roles' statements run once per group of
+/// requests or per relay round, so planning each costs little.
 pub async fn connect(database_url: &str, max_connections: u32) -> Result<PgPool, LedgerError> {
-    let options = PgConnectOptions::from_str(database_url)?.application_name("cardflow");
+    pool(database_url, max_connections, "force_custom_plan").await
+}
+
+/// Opens a pool for the worker, which keeps Postgres's plan cache: planning its
+/// batch statements (the card lock and the set-based write) on every batch cost
+/// about a tenth of the sync maximum in `make bench`, where batches hold a few
+/// commands. Its one read of a table that starts empty, the read of repeats
+/// ([`transfers::find_many`]), is never a cached statement instead.
+pub async fn connect_with_cached_plans(database_url: &str, max_connections: u32) -> Result<PgPool, LedgerError> {
+    pool(database_url, max_connections, "auto").await
+}
+
+async fn pool(database_url: &str, max_connections: u32, plan_cache_mode: &str) -> Result<PgPool, LedgerError> {
+    let options = PgConnectOptions::from_str(database_url)?
+        .application_name("cardflow")
+        .options([("plan_cache_mode", plan_cache_mode)]);
     // sqlx pings every connection it hands out by default: a second round trip per
     // query on the gateway's hot path. Only a connection idle long enough for a
     // firewall or a server restart to have dropped it is checked first.

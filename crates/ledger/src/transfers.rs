@@ -79,16 +79,19 @@ pub async fn find_many<'e>(
     }
     let asps: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
     let corrs: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-    // `LATERAL … LIMIT 1` makes every key one index probe whatever the planner
-    // believes of the table: a plain join over `unnest` got a cached generic plan
-    // with a sequential scan of `transfers` while the table was new and never
-    // analyzed, and kept it as the table grew (README, Performance).
+    // `LATERAL … LIMIT 1` makes every key one probe of the unique index where a
+    // plain join over `unnest` chose a hash join over a scan of `transfers`. It does
+    // not survive a generic plan made while the table was empty (a scan inside the
+    // lateral), and the worker's connections keep cached plans
+    // ([`crate::connect_with_cached_plans`]): so this statement is not prepared
+    // and kept but planned on every call, at the price of one round trip more.
     let rows = sqlx::query(&format!(
         "SELECT t.* FROM unnest($1::text[], $2::text[]) AS k(asp_id, correlation_id)
          CROSS JOIN LATERAL (SELECT {COLUMNS} FROM transfers
                              WHERE transfers.asp_id = k.asp_id AND transfers.correlation_id = k.correlation_id
                              LIMIT 1) t"
     ))
+    .persistent(false)
     .bind(&asps)
     .bind(&corrs)
     .fetch_all(db)
