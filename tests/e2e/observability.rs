@@ -97,6 +97,14 @@ fn quick_bench(name: &str, args: &[&str]) -> (String, serde_json::Value) {
     (table, serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap())
 }
 
+/// One `--quick --mode async` run with a one-second pgbench, shared by the tests
+/// that read its reference and CPU figures: the run is the same for each, and
+/// takes most of a test's time.
+fn quick_async_bench() -> &'static (String, serde_json::Value) {
+    static RUN: std::sync::OnceLock<(String, serde_json::Value)> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| quick_bench("async", &["--mode", "async", "--pgbench-seconds", "1", "--drain-commands", "200"]))
+}
+
 #[tokio::test]
 async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
     let (_, figures) = quick_bench("all", &["--pgbench-seconds", "1", "--drain-commands", "200"]);
@@ -145,8 +153,7 @@ async fn a_bench_run_writes_null_for_the_figures_it_did_not_measure() {
 
 #[tokio::test]
 async fn pgbench_runs_before_the_async_phase_and_after_the_ledger_and_the_ratios_use_their_mean() {
-    let (table, figures) =
-        quick_bench("reference", &["--mode", "async", "--pgbench-seconds", "1", "--drain-commands", "200"]);
+    let (table, figures) = quick_async_bench();
     let runs: Vec<f64> =
         figures["pgbench_runs_tps"].as_array().expect("each pgbench run").iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(runs.len(), 2, "{runs:?}");
@@ -160,8 +167,7 @@ async fn pgbench_runs_before_the_async_phase_and_after_the_ledger_and_the_ratios
 
 #[tokio::test]
 async fn a_bench_run_reports_what_each_operation_cost_the_whole_machine_in_cpu() {
-    let (table, figures) =
-        quick_bench("cpu", &["--mode", "async", "--pgbench-seconds", "1", "--drain-commands", "200"]);
+    let (table, figures) = quick_async_bench();
     for phase in ["async", "drain", "ledger", "pgbench"] {
         let us = figures[format!("{phase}_cpu_us")].as_f64();
         assert!(us.is_some_and(|v| v > 0.0), "{phase}_cpu_us = {us:?}");

@@ -627,14 +627,16 @@ impl Progress {
         let mut before_first = (Instant::now(), CpuReading::now());
         let mut started = false;
         loop {
-            let polled = (Instant::now(), CpuReading::now());
+            // Only a poll before the first applied command can become the start, so
+            // `/proc/stat` is not read (and charged to the work) after it.
+            let polled = (!started).then(|| (Instant::now(), CpuReading::now()));
             let n = self.applied()?;
             if n >= target {
                 return Ok((before_first.0, Instant::now(), before_first.1));
             }
             if n > base {
                 started = true;
-            } else if !started {
+            } else if let Some(polled) = polled {
                 before_first = polled;
             }
             if Instant::now() > deadline {
@@ -906,8 +908,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     // the start: a shared machine's speed drifts over a run of several minutes, and
     // a reference measured long before the async phase and the drain made their
     // ratios say as much about the drift as about cardflow.
-    let mut pgbench_runs: Vec<f64> = Vec::new();
-    let mut pgbench_cpu: Vec<CpuCost> = Vec::new();
+    // Each pgbench run: its tps and what a transaction cost the machine.
+    let mut references: Vec<(f64, Option<CpuCost>)> = Vec::new();
     let (mut async_cpu, mut drain_cpu, mut ledger_cpu) = (None, None, None);
 
     let (rtt_p50, rtt_p99) = broker_round_trip(&env.bus, if a.quick { 20 } else { 300 }).await?;
@@ -971,9 +973,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     }
     if run_async {
         if let Some(bin) = pgbench_bin.as_deref() {
-            let (tps, cpu) = reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?;
-            pgbench_runs.push(tps);
-            pgbench_cpu.extend(cpu);
+            references.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
         }
         let (phase, roles) = start_phase(&env, "async", a.workers, &picker).await?;
         eprintln!("bench: async (Prefer: respond-async), {loop_kind} …");
@@ -997,9 +997,7 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
             ledger_ceiling(&env, &picker, a.drain_commands, a.ledger_batch, a.batches_in_flight).await?;
     }
     if let Some(bin) = pgbench_bin.as_deref() {
-        let (tps, cpu) = reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?;
-        pgbench_runs.push(tps);
-        pgbench_cpu.extend(cpu);
+        references.push(reference(bin, &admin, &pool, database_url, &tag, a.pgbench_seconds).await?);
     }
     let deadlocks: i64 =
         sqlx::query_scalar("SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
@@ -1018,6 +1016,8 @@ pub async fn run(args: BenchArgs, database_url: &str, kafka: &BusConfig) -> anyh
     // did not measure is `not run` in one and null in the other, never a 0 that
     // would read as a measurement to whatever compares runs.
     let measured = |value: f64, ran: bool| ran.then_some(value);
+    let pgbench_runs: Vec<f64> = references.iter().map(|(tps, _)| *tps).collect();
+    let pgbench_cpu: Vec<CpuCost> = references.iter().filter_map(|(_, cpu)| *cpu).collect();
     let pgbench = (!pgbench_runs.is_empty()).then(|| pgbench_runs.iter().sum::<f64>() / pgbench_runs.len() as f64);
     let async_applied = measured(async_tps, run_async);
     let drain = measured(drain_tps, run_async);
