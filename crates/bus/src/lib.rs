@@ -78,7 +78,7 @@ pub struct BusConfig {
 
 /// The default of `KAFKA_FETCH_WAIT_MS`, chosen for the local Tansu: at 2 ms sync
 /// p50 at half the maximum was 31 and 34 ms against 45 and 41 ms at 5 ms, and async
-/// and drain throughput did not change (`make bench`, README Performance).
+/// and drain throughput did not change (`make bench`, docs/bench/history.md).
 pub const DEFAULT_FETCH_WAIT_MS: u32 = 2;
 
 impl BusConfig {

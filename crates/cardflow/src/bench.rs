@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// Concurrent clients of the async phase. An async request is answered once
     /// Kafka has the command, so a backend keeps more of them in flight; 256 keep
     /// the gateway's statement groups and produce batches full (async end to end
-    /// 8996 against 7241/s at 128, 8 partitions; README, Performance).
+    /// 8996 against 7241/s at 128, 8 partitions; docs/bench/history.md).
     #[arg(long, default_value_t = 256)]
     async_concurrency: usize,
     /// Seconds per measured phase.
@@ -75,7 +75,7 @@ pub struct BenchArgs {
     /// partition ever stored on each fetch; too few leave the worker's second
     /// batch without partitions to take. Async end to end 9895 and 9949/s at 2,
     /// 9642 and 9609/s at 4, 8996/s at 8; drain 23372/s at 2, 26317 and 26324/s
-    /// at 4, 27380/s at 8 (README, Performance). Production sizes
+    /// at 4, 27380/s at 8 (docs/bench/history.md). Production sizes
     /// `KAFKA_PARTITIONS` for its workers (8 in `deploy/`).
     #[arg(long, default_value_t = 4)]
     partitions: i32,
