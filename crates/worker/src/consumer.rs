@@ -164,9 +164,6 @@ pub async fn run_worker(
 
     let metrics = Metrics::global();
     let max_batch = config.max_batch.max(1);
-    // Enough held back for a full batch on partitions that no batch in flight
-    // holds; beyond it the receiver waits and librdkafka's queue fills instead.
-    let hold = max_batch * (max_in_flight + 2);
     let mut received = spawn_receiver(consumer, max_batch, shutdown.clone());
     let mut waiting: Waiting<OwnedMessage> = Waiting::default();
     let mut busy: BTreeSet<i32> = BTreeSet::new();
@@ -200,6 +197,7 @@ pub async fn run_worker(
         }
         // Set only while no batch is in flight (a batch start clears it).
         let linger = linger_until.filter(|_| !stopping);
+        let receives_now = schedule::receives_now(waiting.free(&busy), waiting.len(), max_batch, max_in_flight);
         tokio::select! {
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 match done {
@@ -217,7 +215,7 @@ pub async fn run_worker(
                     Err(e) => outcome = Err(WorkerError::Batch(e.to_string())),
                 }
             }
-            polled = received.recv(), if receiving && !stopping && waiting.len() < hold => {
+            polled = received.recv(), if receiving && !stopping && receives_now => {
                 match polled {
                     Some(Ok(m)) => waiting.push(m.partition(), m),
                     Some(Err(e)) => {

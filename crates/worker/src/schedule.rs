@@ -97,6 +97,28 @@ pub fn starts_now(in_flight: usize, max_in_flight: usize, free: usize, max_batch
     }
 }
 
+/// Whether the worker takes the next message off Kafka now.
+/// - `free`: commands waiting on partitions no batch in flight holds;
+/// - `waiting`: every command waiting, on any partition.
+///
+/// It receives until a full batch waits on free partitions for every batch that
+/// may be in flight and one more, so that a transaction that ends, or a slot that
+/// opens, finds a full batch ready; and it never holds more than [`max_waiting`]
+/// in all. Commands on a partition a batch holds cannot go until that batch ends,
+/// so a bound on all waiting alone (the rule before, 8000) filled up with them: in
+/// a drain only half the batches ran beside another and a fifth of the two cores
+/// was idle (`make bench`, see `docs/bench/history.md`).
+pub fn receives_now(free: usize, waiting: usize, max_batch: usize, max_in_flight: usize) -> bool {
+    free < max_batch.max(1) * (max_in_flight.max(1) + 1) && waiting < max_waiting(max_batch, max_in_flight)
+}
+
+/// The most commands a worker holds in memory: five full batches for every batch
+/// that may be in flight (20000 with the defaults; a command is under a kilobyte).
+/// Beyond it the receiver waits and librdkafka's own queue fills instead.
+pub fn max_waiting(max_batch: usize, max_in_flight: usize) -> usize {
+    max_batch.max(1) * max_in_flight.max(1) * 5
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +201,26 @@ mod tests {
         assert_eq!(ps, vec![2]);
         let (ps, _) = w.take(&busy(&[]), 2);
         assert_eq!(ps, vec![0]);
+    }
+
+    #[test]
+    fn the_worker_receives_until_a_full_batch_waits_for_every_slot_and_one_more() {
+        assert!(receives_now(5999, 5999, 2000, 2));
+        assert!(!receives_now(6000, 6000, 2000, 2));
+        assert!(!receives_now(4000, 4000, 2000, 1));
+    }
+
+    #[test]
+    fn commands_on_busy_partitions_do_not_stop_the_worker_receiving() {
+        // 9000 wait, but only 1000 of them on partitions no batch holds.
+        assert!(receives_now(1000, 9000, 2000, 2));
+    }
+
+    #[test]
+    fn the_worker_never_holds_more_than_its_bound() {
+        assert_eq!(max_waiting(2000, 2), 20000);
+        assert!(!receives_now(0, 20000, 2000, 2));
+        assert!(receives_now(0, 19999, 2000, 2));
     }
 
     proptest! {
