@@ -173,8 +173,9 @@ pub async fn run_worker(
     let mut outcome = Ok(());
     loop {
         let stopping = shutdown.is_cancelled() || outcome.is_err();
+        // Read once a turn: both whether a batch starts and whether to receive need it.
+        let free = waiting.free(&busy);
         if !stopping {
-            let free = waiting.free(&busy);
             if free > 0 && in_flight.is_empty() && linger_until.is_none() {
                 linger_until = Some(tokio::time::Instant::now() + config.batch_linger);
             }
@@ -197,7 +198,7 @@ pub async fn run_worker(
         }
         // Set only while no batch is in flight (a batch start clears it).
         let linger = linger_until.filter(|_| !stopping);
-        let receives_now = schedule::receives_now(waiting.free(&busy), waiting.len(), max_batch, max_in_flight);
+        let receives_now = schedule::receives_now(free, waiting.len(), max_batch, max_in_flight);
         tokio::select! {
             Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
                 match done {
