@@ -22,8 +22,24 @@ type Key = (String, String);
 /// requests may wait on one key (a client retrying before the first answer).
 #[derive(Default)]
 pub struct ReplyRouter {
-    waiting: Mutex<HashMap<Key, Vec<oneshot::Sender<TransferResult>>>>,
+    waiting: Mutex<Waiting>,
     ready: AtomicBool,
+}
+
+#[derive(Default)]
+struct Waiting {
+    by_key: HashMap<Key, Vec<oneshot::Sender<TransferResult>>>,
+    /// The senders in `by_key`, kept as they come and go. Summed on every register
+    /// and every drop instead, the gauge cost O(waiting) under the lock each time:
+    /// quadratic in the very incident (a stalled worker, thousands of requests
+    /// waiting out their deadline) when the gateway most needs its CPU.
+    count: usize,
+}
+
+impl Waiting {
+    fn publish_count(&self) {
+        cardflow_telemetry::Metrics::global().waiting_requests.set(self.count as i64);
+    }
 }
 
 /// A request's wait for its result. Dropping it, whatever the reason (the result
@@ -57,31 +73,43 @@ impl ReplyRouter {
         let (tx, rx) = oneshot::channel();
         let key = (asp_id.to_string(), correlation_id.to_string());
         let mut w = self.waiting.lock().unwrap();
-        w.entry(key.clone()).or_default().push(tx);
-        cardflow_telemetry::Metrics::global().waiting_requests.set(w.values().map(Vec::len).sum::<usize>() as i64);
+        w.by_key.entry(key.clone()).or_default().push(tx);
+        w.count += 1;
+        w.publish_count();
         Waiter { rx: Some(rx), router: self.clone(), key }
     }
 
     /// Drops the waiters of `key` whose requests are gone.
     fn forget(&self, key: &Key) {
         let mut w = self.waiting.lock().unwrap();
-        if let Some(list) = w.get_mut(key) {
-            list.retain(|s| !s.is_closed());
-            if list.is_empty() {
-                w.remove(key);
-            }
+        let Some(list) = w.by_key.get_mut(key) else {
+            // Delivered: `deliver` took the key and counted its waiters out.
+            return;
+        };
+        let before = list.len();
+        list.retain(|s| !s.is_closed());
+        let gone = before - list.len();
+        if list.is_empty() {
+            w.by_key.remove(key);
         }
-        cardflow_telemetry::Metrics::global().waiting_requests.set(w.values().map(Vec::len).sum::<usize>() as i64);
+        w.count -= gone;
+        w.publish_count();
     }
 
     /// How many requests wait for a result.
     pub fn waiting(&self) -> usize {
-        self.waiting.lock().unwrap().values().map(Vec::len).sum()
+        self.waiting.lock().unwrap().count
     }
 
     pub fn deliver(&self, result: TransferResult) {
         let key = (result.asp_id.to_string(), result.correlation_id.to_string());
-        let waiters = self.waiting.lock().unwrap().remove(&key);
+        let waiters = {
+            let mut w = self.waiting.lock().unwrap();
+            let waiters = w.by_key.remove(&key);
+            w.count -= waiters.as_ref().map_or(0, Vec::len);
+            w.publish_count();
+            waiters
+        };
         for w in waiters.into_iter().flatten() {
             let _ = w.send(result.clone());
         }
@@ -184,6 +212,25 @@ mod tests {
         drop(router.register("DEMOASP00000001", "261124153000-00000b2"));
         assert_eq!(router.waiting(), 1, "only the request still waiting");
         drop(kept);
+        assert_eq!(router.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_delivered_request_leaves_the_count_once_and_others_stay_counted() {
+        let router = Arc::new(ReplyRouter::default());
+        let others: Vec<Waiter> =
+            (0..50).map(|i| router.register("DEMOASP00000001", &format!("261124153000-{i:07x}"))).collect();
+        let (a, b) = (
+            router.register("DEMOASP00000001", "261124153000-00000a1"),
+            router.register("DEMOASP00000001", "261124153000-00000a1"),
+        );
+        assert_eq!(router.waiting(), 52);
+        router.deliver(result("261124153000-00000a1"));
+        assert_eq!(router.waiting(), 50, "both waiters of the delivered request");
+        assert_eq!(a.await.unwrap().code, "000_000");
+        assert_eq!(b.await.unwrap().code, "000_000");
+        assert_eq!(router.waiting(), 50, "dropping a delivered waiter counts it out only once");
+        drop(others);
         assert_eq!(router.waiting(), 0);
     }
 }
