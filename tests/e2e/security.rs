@@ -165,6 +165,25 @@ async fn an_oversized_body_is_refused_before_parsing() {
     assert_eq!((reply.status, reply.code()), (413, "000_005"));
 }
 
+#[tokio::test]
+async fn a_body_that_gives_the_amount_twice_is_refused_and_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let body = format!(
+        r#"{{"userId": {}, "fromCardNo": "{}", "toCardNo": "{}", "amount": 1, "amount": 1000}}"#,
+        m.user_id,
+        m.card(0),
+        m.card(1)
+    );
+    let req = sign_with(&credentials(), "POST", "/api/v1/transfer/balance", body.as_bytes(), None, false);
+
+    let reply = sys.send(&req, &[]).await;
+
+    assert_eq!((reply.status, reply.code(), reply.message()), (400, "000_005", "Malformed request body. amount"));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
 fn key_creds(asp_id: &str, access_key: &str) -> Credentials {
     Credentials { asp_id: asp_id.into(), access_key: access_key.into(), ..credentials() }
 }

@@ -38,6 +38,35 @@ impl RequestError {
     }
 }
 
+/// The body's fields, in the spec's order.
+const FIELDS: [&str; 4] = ["userId", "fromCardNo", "toCardNo", "amount"];
+
+/// A JSON object's members as written, repeats included. serde_json's own map
+/// keeps the last of a repeated key, so `{"amount": 1, "amount": 1000}` would move
+/// 1000 while a proxy, a log or the client's own code that reads the first sees 1;
+/// the body is signed as bytes, so only refusing it leaves no doubt what was asked.
+struct Members(Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+        impl<'de> serde::de::Visitor<'de> for ObjectVisitor {
+            type Value = Members;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Members, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
+                while let Some(member) = map.next_entry::<String, Value>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(ObjectVisitor)
+    }
+}
+
 fn required<'a>(obj: &'a serde_json::Map<String, Value>, field: &str) -> Result<&'a Value, RequestError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(RequestError::missing(field)),
@@ -53,10 +82,21 @@ fn card_no(obj: &serde_json::Map<String, Value>, field: &str) -> Result<CardNo, 
 }
 
 impl TransferRequest {
-    /// Parses raw body bytes. Unknown extra fields are ignored.
+    /// Parses raw body bytes. Unknown extra fields are ignored; a field given twice
+    /// makes the body malformed (see [`Members`]).
     pub fn from_json_bytes(body: &[u8]) -> Result<Self, RequestError> {
-        let value: Value = serde_json::from_slice(body).map_err(|_| RequestError::malformed())?;
-        Self::from_json(&value)
+        let Members(members) = serde_json::from_slice(body).map_err(|_| RequestError::malformed())?;
+        let mut obj = serde_json::Map::with_capacity(members.len());
+        for (name, value) in members {
+            if obj.contains_key(&name) {
+                // Named only when it is one of ours: the message must not echo
+                // whatever a client put in a key.
+                let known = FIELDS.contains(&name.as_str());
+                return Err(RequestError { field: known.then_some(name), ..RequestError::malformed() });
+            }
+            obj.insert(name, value);
+        }
+        Self::from_json(&Value::Object(obj))
     }
 
     pub fn from_json(value: &Value) -> Result<Self, RequestError> {
@@ -175,6 +215,54 @@ mod tests {
     fn a_body_that_is_not_an_object_is_malformed() {
         for raw in [&b"[1,2]"[..], b"\"x\"", b"{", b"", b"null"] {
             assert_eq!(TransferRequest::from_json_bytes(raw).unwrap_err(), RequestError::malformed());
+        }
+    }
+
+    #[test]
+    fn a_field_given_twice_makes_the_body_malformed_and_is_named() {
+        let raw = br#"{"userId": 1001, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002",
+                       "amount": 1, "amount": 1000}"#;
+        let err = TransferRequest::from_json_bytes(raw).unwrap_err();
+        assert_eq!(err.code, ResultCode::MalformedBody);
+        assert_eq!(err.field.as_deref(), Some("amount"));
+    }
+
+    #[test]
+    fn an_unknown_field_given_twice_makes_the_body_malformed_without_echoing_it() {
+        let raw = br#"{"userId": 1001, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002",
+                       "<script>": 1, "<script>": 2}"#;
+        assert_eq!(TransferRequest::from_json_bytes(raw).unwrap_err(), RequestError::malformed());
+    }
+
+    fn a_value() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just("null".to_string()),
+            Just("true".to_string()),
+            Just("0".to_string()),
+            "-?[1-9][0-9]{0,20}(\\.[0-9]{1,3})?",
+            "\"[0-9]{0,17}\"",
+            Just("[]".to_string()),
+            Just("{\"userId\": 1}".to_string()),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_body_without_a_repeated_field_parses_as_its_json_value_does(
+            members in proptest::collection::vec(
+                (proptest::sample::select(vec!["userId", "fromCardNo", "toCardNo", "amount", "memo"]), a_value()),
+                0..6,
+            )
+        ) {
+            let mut seen = std::collections::HashSet::new();
+            let members: Vec<_> = members.into_iter().filter(|(name, _)| seen.insert(*name)).collect();
+            let raw = format!(
+                "{{{}}}",
+                members.iter().map(|(name, value)| format!("\"{name}\": {value}")).collect::<Vec<_>>().join(", ")
+            );
+            let value: Value = serde_json::from_str(&raw).unwrap();
+            proptest::prop_assert_eq!(TransferRequest::from_json_bytes(raw.as_bytes()), parse(value), "{}", raw);
         }
     }
 
