@@ -58,6 +58,35 @@ async fn a_reused_correlation_id_with_another_body_is_refused_and_moves_nothing(
     assert_eq!(balance(&pool, m.card(0)).await, dec(900));
 }
 
+/// Both bodies reach the gateway before either is recorded, so both are published
+/// and both wait on one correlation id. The body the worker decides first moves its
+/// money; the other must hear `000_008`, not the first body's result.
+#[tokio::test]
+async fn two_bodies_sent_at_once_under_a_new_correlation_id_get_one_success_and_one_000_008() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(100_000), CardSpec::prepaid(0)]).await;
+    let mut moved = 0;
+    for _ in 0..10 {
+        let cid = fresh_correlation_id();
+        let (a, b) = (m.body(0, 1, Some(100)), m.body(0, 1, Some(200)));
+        let (signed_a, signed_b) = (sign_post(&a, Some(cid.clone()), false), sign_post(&b, Some(cid), false));
+
+        let (reply_a, reply_b) = tokio::join!(sys.send(&signed_a, &[]), sys.send(&signed_b, &[]));
+
+        let answers = [(100, &reply_a), (200, &reply_b)];
+        let won: Vec<_> = answers.iter().filter(|(_, r)| r.code() == "000_000").collect();
+        assert_eq!(won.len(), 1, "one body wins: {:?} / {:?}", reply_a.json, reply_b.json);
+        let (amount, winner) = won[0];
+        assert_eq!(winner.amount(), Some(dec(*amount)), "the winner hears its own amount");
+        let lost = answers.iter().find(|(_, r)| r.code() != "000_000").unwrap().1;
+        assert_eq!((lost.status, lost.code()), (409, "000_008"), "{:?}", lost.json);
+        moved += amount;
+    }
+    assert_eq!(balance(&pool, m.card(1)).await, dec(moved), "only the winners moved money");
+    assert_eq!(entries(&pool, m.card(1)).await.len(), 10);
+}
+
 #[tokio::test]
 async fn a_repeated_rejection_stays_a_rejection_after_the_balance_changed() {
     let sys = shared();

@@ -217,6 +217,39 @@ async fn a_reply_the_broker_refuses_for_good_is_parked_and_later_messages_still_
     assert_eq!(balance(&pool, m.card(0)).await, dec(700), "both transfers were applied");
 }
 
+#[test]
+fn a_gateway_told_to_read_a_reply_partition_that_does_not_exist_refuses_to_start() {
+    let sys = shared();
+    let missing = sys.bus.reply_partitions;
+    let mut gateway = std::process::Command::new(env!("CARGO_BIN_EXE_cardflow"))
+        .arg("gateway")
+        .env("DATABASE_URL", &sys.database_url)
+        .env("KAFKA_BROKERS", &sys.bus.brokers)
+        .env("KAFKA_TOPIC_PREFIX", sys.bus.topics.commands.trim_end_matches("transfer.commands"))
+        .env("KAFKA_PARTITIONS", sys.bus.partitions.to_string())
+        .env("KAFKA_REPLY_PARTITIONS", sys.bus.reply_partitions.to_string())
+        .env("GATEWAY_REPLY_PARTITION", missing.to_string())
+        .env("HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while gateway.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            gateway.kill().unwrap();
+            panic!("the gateway started on partition {missing}, which does not exist");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = gateway.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.contains(&format!("partition {missing} of {} does not exist", sys.bus.topics.results)), "{said}");
+}
+
 #[tokio::test]
 async fn repeats_inside_one_batch_are_answered_from_the_first_and_a_changed_body_is_000_008() {
     // No worker yet: the commands wait in Kafka and the first poll takes them together.
@@ -237,6 +270,10 @@ async fn repeats_inside_one_batch_are_answered_from_the_first_and_a_changed_body
     let codes: Vec<&str> = results.iter().map(|r| r["code"].as_str().unwrap()).collect();
     assert_eq!(codes.iter().filter(|c| **c == "000_000").count(), 2, "{codes:?}");
     assert_eq!(codes.iter().filter(|c| **c == "000_008").count(), 1, "{codes:?}");
+    for r in &results {
+        let answered = if r["code"] == "000_008" { &changed } else { &first };
+        assert_eq!(r["requestFingerprint"], answered.fingerprint.as_str(), "each reply names the body it answers");
+    }
     assert_eq!(balance(&pool, m.card(0)).await, dec(700), "the money moved once");
     assert_eq!(entries(&pool, m.card(0)).await.len(), 1);
 }

@@ -28,6 +28,8 @@ pub enum BusError {
     CreateTopic { topic: String, code: RDKafkaErrorCode },
     #[error("timed out: {0}")]
     Timeout(String),
+    #[error("partition {partition} of {topic} does not exist: the topic has {partitions}")]
+    NoSuchPartition { topic: String, partition: i32, partitions: i32 },
 }
 
 /// The physical names of cardflow's topics. A prefix lets several systems (or test
@@ -185,6 +187,23 @@ impl BusConfig {
             }
         }
         Ok(())
+    }
+
+    /// Fails unless `partition` is one of `topic`'s partitions, as the cluster
+    /// reports them now.
+    pub async fn check_partition(&self, topic: &str, partition: i32) -> Result<(), BusError> {
+        let probe: BaseConsumer = self.assigned_consumer()?;
+        let name = topic.to_string();
+        let metadata = tokio::task::spawn_blocking(move || probe.fetch_metadata(Some(&name), Duration::from_secs(10)))
+            .await
+            .map_err(|e| BusError::Timeout(format!("reading the metadata of {topic}: {e}")))??;
+        let partitions =
+            metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
+        if (0..partitions).contains(&partition) {
+            Ok(())
+        } else {
+            Err(BusError::NoSuchPartition { topic: topic.to_string(), partition, partitions })
+        }
     }
 }
 

@@ -79,6 +79,13 @@ pub struct TransferResult {
     /// The amount moved; present on success only.
     pub amount: Option<Money>,
     pub decided_at: DateTime<Utc>,
+    /// On a reply, the fingerprint of the command it answers. Two requests under one
+    /// correlation id with different bodies (a client reusing an id) can wait on the
+    /// same gateway at once; the fingerprint lets each be handed only its own
+    /// answer, the owner its result and the other its `000_008`. Absent on a reply
+    /// from a worker older than the field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_fingerprint: Option<String>,
 }
 
 impl TransferResult {

@@ -83,15 +83,12 @@ pub struct App {
 pub async fn build(config: GatewayConfig, pool: PgPool, bus: BusConfig) -> Result<Arc<App>, cardflow_bus::BusError> {
     let producer = bus.producer(config.producer_linger_ms)?;
     let async_producer = bus.producer(config.async_producer_linger_ms)?;
+    // A gateway reading a partition that does not exist would answer every
+    // synchronous request 202 after the whole deadline, its replies parked by the
+    // relay: refuse to start instead.
+    bus.check_partition(&bus.topics.results, config.reply_partition).await?;
     let replies = Arc::new(ReplyRouter::default());
-    tokio::spawn({
-        let (bus, replies, partition) = (bus.clone(), replies.clone(), config.reply_partition);
-        async move {
-            if let Err(e) = replies::run_reply_consumer(bus, partition, replies).await {
-                tracing::error!(error = %e, "reply consumer stopped");
-            }
-        }
-    });
+    tokio::spawn(replies::keep_reading_replies(bus.clone(), config.reply_partition, replies.clone()));
     let auth = Authenticator::new(pool.clone(), config.key_cache_ttl, config.time_window_secs);
     let limiter = config.rate_limit_per_asp.map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate)));
     let broker = cardflow_bus::BrokerProbe::new(&bus)?;
@@ -352,7 +349,7 @@ async fn transfer(
         submitted_at: chrono::Utc::now(),
     };
     // Registered before publishing, so a fast reply cannot be missed.
-    let reply = command.awaits_reply.then(|| app.replies.register(asp, corr));
+    let reply = command.awaits_reply.then(|| app.replies.register(asp, corr, &command.fingerprint));
     if let Err(e) = publish(app, &command, &traceparent).instrument(publish_span).await {
         tracing::error!(error = %e, "publishing the command failed");
         return Err(fail(ApiError::unavailable()));

@@ -96,7 +96,10 @@ fn reply(incoming: &IncomingCommand, result: &TransferResult) -> Option<Announce
         partition: Some(reply.partition),
         key: incoming.command.correlation_id.to_string(),
         headers: headers(&incoming.traceparent),
-        payload: Announced::Reply(result.clone()),
+        payload: Announced::Reply(TransferResult {
+            request_fingerprint: Some(incoming.command.fingerprint.clone()),
+            ..result.clone()
+        }),
     })
 }
 
@@ -117,6 +120,7 @@ fn rejection(
         message: code.message_with(field),
         amount: None,
         decided_at: now,
+        request_fingerprint: None,
     }
 }
 
@@ -182,6 +186,7 @@ fn decide_one(
                 message: ResultCode::Success.message().to_string(),
                 amount: Some(amount),
                 decided_at: now,
+                request_fingerprint: None,
             }
         }
     };

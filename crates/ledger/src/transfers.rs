@@ -49,6 +49,7 @@ impl StoredTransfer {
             message: self.message.clone().unwrap_or_else(|| code.message().to_string()),
             amount: self.amount.and_then(|a| Money::new(a).ok()),
             decided_at: self.decided_at.unwrap_or_else(Utc::now),
+            request_fingerprint: None,
         }
     }
 }
