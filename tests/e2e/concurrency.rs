@@ -144,6 +144,38 @@ async fn the_audit_names_a_card_whose_balance_does_not_match_its_entries() {
 }
 
 #[tokio::test]
+async fn the_audit_names_a_completed_transfer_that_lost_its_credit_entry() {
+    let sys = System::start(Roles::default());
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    assert_eq!(sys.transfer(&m.body(0, 1, Some(300))).await.code(), "000_000");
+    assert!(audit(&sys).status.success());
+    let transfer: uuid::Uuid = sqlx::query_scalar("SELECT transfer_id FROM transfers WHERE from_card_no = $1")
+        .bind(m.card(0))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+
+    // The credit and the card's balance both undone, so that every per-card check
+    // still holds: only the transfer's own check can see it.
+    sqlx::query(
+        "WITH gone AS (DELETE FROM ledger_entries WHERE transfer_id = $1 AND side = 'CREDIT' RETURNING card_no, amount)
+         UPDATE cards c SET balance = c.balance - gone.amount, sequence = c.sequence - 1 FROM gone WHERE c.card_no = gone.card_no",
+    )
+    .bind(transfer)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let out = audit(&sys);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains(&format!("transfer {transfer}")), "{report}");
+    assert!(report.contains("completed transfers have one debit and one credit of their amount"), "{report}");
+    assert!(report.contains("audit FAILED: 1 violation(s)"), "nothing else is named: {report}");
+}
+
+#[tokio::test]
 async fn the_audit_names_a_ledger_entry_whose_transfer_does_not_exist() {
     let sys = System::start(Roles { gateway: false, workers: 0, relay: false, ..Roles::default() });
     let pool = sys.pool().await;

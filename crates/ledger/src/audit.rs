@@ -89,6 +89,8 @@ const CHECKS: [(&str, &str); 7] = [
          WHERE c.balance < 0 OR c.balance > COALESCE(c.max_balance, p.max_balance)",
     ),
     (
+        // `IS NOT TRUE`, not `NOT`: a side with no entries at all leaves its terms
+        // NULL, and `NOT NULL` would let exactly the worst case through.
         "completed transfers have one debit and one credit of their amount",
         "SELECT 'transfer ' || t.transfer_id || ' (' || t.correlation_id || ')',
                 format('status %s, amount %s, debits %s on %s, credits %s on %s', t.status, t.amount, d.n, d.card, c.n, c.card)
@@ -97,8 +99,8 @@ const CHECKS: [(&str, &str); 7] = [
               ON d.transfer_id = t.transfer_id
          LEFT JOIN (SELECT transfer_id, count(*) n, sum(amount) amt, min(card_no) card FROM ledger_entries WHERE side = 'CREDIT' GROUP BY transfer_id) c
               ON c.transfer_id = t.transfer_id
-         WHERE (t.status = 'COMPLETED' AND NOT (d.n = 1 AND c.n = 1 AND d.amt = t.amount AND c.amt = t.amount
-                                                AND d.card = t.from_card_no AND c.card = t.to_card_no))
+         WHERE (t.status = 'COMPLETED' AND (d.n = 1 AND c.n = 1 AND d.amt = t.amount AND c.amt = t.amount
+                                            AND d.card = t.from_card_no AND c.card = t.to_card_no) IS NOT TRUE)
             OR (t.status <> 'COMPLETED' AND (d.n IS NOT NULL OR c.n IS NOT NULL))",
     ),
     (
