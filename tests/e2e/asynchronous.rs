@@ -169,17 +169,52 @@ async fn a_poison_command_goes_to_the_dead_letter_topic_and_later_commands_still
 }
 
 #[tokio::test]
-async fn a_command_with_an_amount_no_request_may_name_is_dead_lettered_and_moves_nothing() {
+async fn a_command_with_an_amount_no_request_may_name_is_dead_lettered_answered_017_002_and_moves_nothing() {
     let sys = shared();
     let pool = sys.pool().await;
     let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
     // Written straight to the topic, past the gateway's validation.
-    let mut cmd = serde_json::to_value(crate::transfer::command(&m, 0, 1, Some(1), 3, sys)).unwrap();
+    let command = crate::transfer::command(&m, 0, 1, Some(1), 3, sys);
+    let mut cmd = serde_json::to_value(&command).unwrap();
     cmd["request"]["amount"] = serde_json::json!("0.5");
     produce(&sys.bus, &sys.bus.topics.commands, m.card(0), cmd.to_string().as_bytes(), None).await;
 
     let reason = dead_letter_reason(sys, m.card(0)).await;
     assert!(reason.contains("amount"), "reason header: {reason:?}");
+    let cid = command.correlation_id.to_string();
+    let answer = eventually(Duration::from_secs(30), "a stored answer", || async {
+        let r = sys.status(&cid).await;
+        (r.status != 404).then_some(r)
+    })
+    .await;
+    assert_eq!((answer.status, answer.code()), (400, "017_002"));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
+/// A gateway of a later release may write a version this worker does not read: the
+/// command is kept in the dead-letter topic, and its caller is told it failed rather
+/// than left pending. Redriven later, it is a repeat of a request already answered.
+#[tokio::test]
+async fn a_command_of_an_unknown_schema_version_is_dead_lettered_answered_017_002_and_a_redrive_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let command = crate::transfer::command(&m, 0, 1, Some(100), 3, sys);
+    let cid = command.correlation_id.to_string();
+    let mut later = serde_json::to_value(&command).unwrap();
+    later["schemaVersion"] = serde_json::json!(2);
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), later.to_string().as_bytes(), None).await;
+
+    let reason = dead_letter_reason(sys, m.card(0)).await;
+    assert_eq!(reason, "unsupported schema version 2");
+    let results = crate::transfer::results_for(sys, 3, std::slice::from_ref(&cid), 1).await;
+    assert_eq!(results[0]["code"], "017_002", "the waiting caller hears it failed");
+
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), &serde_json::to_vec(&command).unwrap(), None).await;
+
+    let results = crate::transfer::results_for(sys, 3, std::slice::from_ref(&cid), 2).await;
+    assert!(results.iter().all(|r| r["code"] == "017_002"), "{results:?}");
+    assert_eq!(sys.status(&cid).await.code(), "017_002");
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
 }
 

@@ -127,7 +127,7 @@ pub fn command(
 
 /// The results for `ids` on the reply partition their commands named: a reply goes
 /// to the partition of the gateway that waits, and nowhere else.
-async fn results_for(sys: &System, partition: i32, ids: &[String], count: usize) -> Vec<Value> {
+pub async fn results_for(sys: &System, partition: i32, ids: &[String], count: usize) -> Vec<Value> {
     let all = read_partitions(&sys.bus, &sys.bus.topics.results, &[partition], Duration::from_secs(30), |seen| {
         seen.iter().filter(|(k, _, _)| ids.contains(k)).count() >= count
     })

@@ -1,6 +1,7 @@
 //! The worker's loop: poll a batch of commands, apply it in one transaction, then
-//! commit the offsets. Undecodable commands go to the dead-letter topic with the
-//! reason in a header, and the loop moves on. Which commands form the next batch,
+//! commit the offsets. Commands it cannot apply go to the dead-letter topic with the
+//! reason in a header, and the loop moves on; one that still names its request is
+//! answered `017_002` as well, so that its caller is not left pending for good. Which commands form the next batch,
 //! and when a second batch may run beside the first, is [`crate::schedule`].
 
 use crate::schedule::{self, Waiting};
@@ -15,7 +16,7 @@ use cardflow_bus::rdkafka::{Offset, TopicPartitionList};
 use cardflow_bus::BusConfig;
 use cardflow_domain::command::SCHEMA_VERSION;
 use cardflow_domain::TransferCommand;
-use cardflow_ledger::batch::{apply_resilient, IncomingCommand, RetryPolicy};
+use cardflow_ledger::batch::{apply_resilient, record_failure, IncomingCommand, RetryPolicy};
 use cardflow_ledger::OutboxTopics;
 use cardflow_telemetry::Metrics;
 use sqlx::PgPool;
@@ -44,29 +45,41 @@ pub struct WorkerConfig {
 
 enum Polled {
     Command(IncomingCommand),
-    Poison { message: OwnedMessage, reason: String },
+    /// A message this worker will not apply. `answer` is the command when it still
+    /// reads as one: its request is then answered `017_002` (stored, so a later
+    /// redrive from the dead-letter topic is a repeat and moves no money) instead
+    /// of staying pending for good. A message that does not decode names no request.
+    Poison {
+        message: OwnedMessage,
+        reason: String,
+        answer: Option<IncomingCommand>,
+    },
 }
 
 fn decode(msg: OwnedMessage) -> Polled {
     let payload = msg.payload().unwrap_or_default();
-    match serde_json::from_slice::<TransferCommand>(payload) {
-        Ok(cmd) if cmd.request.amount.is_some_and(|a| !a.is_request_amount()) => {
-            Polled::Poison { message: msg, reason: "amount is not a whole number in 0..999999999999".to_string() }
-        }
-        Ok(cmd) if cmd.schema_version == SCHEMA_VERSION => {
-            let traceparent = msg.headers().and_then(|hs| {
-                hs.iter()
-                    .find(|x| x.key == h::TRACEPARENT)
-                    .and_then(|x| x.value)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .map(str::to_string)
-            });
-            Polled::Command(IncomingCommand { command: cmd, traceparent })
-        }
-        Ok(cmd) => {
-            Polled::Poison { message: msg, reason: format!("unsupported schema version {}", cmd.schema_version) }
-        }
-        Err(e) => Polled::Poison { message: msg, reason: format!("undecodable command: {e}") },
+    let command = match serde_json::from_slice::<TransferCommand>(payload) {
+        Ok(cmd) => cmd,
+        Err(e) => return Polled::Poison { message: msg, reason: format!("undecodable command: {e}"), answer: None },
+    };
+    let refusal = if command.request.amount.is_some_and(|a| !a.is_request_amount()) {
+        Some("amount is not a whole number in 0..999999999999".to_string())
+    } else if command.schema_version != SCHEMA_VERSION {
+        Some(format!("unsupported schema version {}", command.schema_version))
+    } else {
+        None
+    };
+    let traceparent = msg.headers().and_then(|hs| {
+        hs.iter()
+            .find(|x| x.key == h::TRACEPARENT)
+            .and_then(|x| x.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_string)
+    });
+    let incoming = IncomingCommand { command, traceparent };
+    match refusal {
+        None => Polled::Command(incoming),
+        Some(reason) => Polled::Poison { message: msg, reason, answer: Some(incoming) },
     }
 }
 
@@ -253,21 +266,22 @@ impl Applier {
         let metrics = Metrics::global();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut commands = Vec::with_capacity(messages.len());
+        let mut refused = Vec::new();
         for m in messages {
             let slot = offsets.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
             *slot = (*slot).max(m.offset());
             match decode(m) {
                 Polled::Command(c) => commands.push(c),
-                Polled::Poison { message, reason } => {
+                Polled::Poison { message, reason, answer } => {
                     // Without the DLQ copy the offset must not move: retry until Kafka takes it.
                     while let Err(e) = dead_letter(&self.dlq_producer, &self.dlq, &message, &reason).await {
                         tracing::error!(error = %e, "dead-lettering failed; retrying");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
+                    refused.extend(answer);
                 }
             }
         }
-
         if !commands.is_empty() {
             let started = Instant::now();
             let batch_span = tracing::info_span!("worker.batch", otel.kind = "internal", batch_size = commands.len());
@@ -307,6 +321,28 @@ impl Applier {
                         // batch and its offsets and try again.
                         metrics.batch_failures.inc();
                         tracing::error!(error = %e, "database unavailable; retrying the batch");
+                        if shutdown.is_cancelled() {
+                            return Ok(());
+                        }
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        }
+
+        // The offsets move only once the refused requests are answered too: a
+        // redelivery dead-letters them again and finds the answers stored. After the
+        // batch, so that a message this worker cannot apply never takes the key of
+        // a command it can.
+        for incoming in &refused {
+            loop {
+                match record_failure(pool, incoming, topics).await {
+                    Ok(r) => {
+                        metrics.commands_applied.with_label_values(&[&r.result.code, &r.repeat.to_string()]).inc();
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "answering a dead-lettered command failed; retrying");
                         if shutdown.is_cancelled() {
                             return Ok(());
                         }
