@@ -94,18 +94,32 @@ impl BusConfig {
     }
 
     /// An idempotent producer: `acks=all`, retries that cannot duplicate or reorder,
-    /// and a murmur2 partitioner so keys land where Java clients would put them.
+    /// and a murmur2 partitioner so keys land where Java clients would put them. A
+    /// message not delivered within 30 s fails.
     pub fn producer(&self, linger_ms: u32) -> Result<FutureProducer, BusError> {
-        Ok(self
-            .base()
-            .set("enable.idempotence", "true")
+        Ok(self.idempotent(linger_ms).set("message.timeout.ms", "30000").create()?)
+    }
+
+    /// An idempotent producer whose messages never time out: each is retried until
+    /// the broker stores it or refuses it for good, for a caller (the relay) that
+    /// must keep a partition's order across an outage. A message that times out in
+    /// librdkafka's queue is skipped, and the ones queued behind it are written
+    /// (its "message timeout considerations"): the caller's retry then writes the
+    /// skipped one after its successors, and a card's balance events arrive out of
+    /// order.
+    pub fn ordered_producer(&self, linger_ms: u32) -> Result<FutureProducer, BusError> {
+        Ok(self.idempotent(linger_ms).set("message.timeout.ms", "0").create()?)
+    }
+
+    fn idempotent(&self, linger_ms: u32) -> ClientConfig {
+        let mut c = self.base();
+        c.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("max.in.flight.requests.per.connection", "5")
             .set("linger.ms", linger_ms.to_string())
             .set("compression.type", "none")
-            .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", "30000")
-            .create()?)
+            .set("partitioner", "murmur2_random");
+        c
     }
 
     /// A consumer in a group (the workers): manual offset commits only.

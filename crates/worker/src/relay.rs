@@ -166,8 +166,8 @@ pub async fn run_relay(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let producers = Producers {
-        events: bus.producer(config.producer_linger_ms)?,
-        replies: bus.producer(config.producer_linger_ms)?,
+        events: bus.ordered_producer(config.producer_linger_ms)?,
+        replies: bus.ordered_producer(config.producer_linger_ms)?,
     };
     let metrics = Metrics::global();
     'standby: loop {
@@ -254,7 +254,16 @@ pub async fn run_relay(
             };
             if !rows.is_empty() {
                 let started = Instant::now();
-                let published = publish(&producers, &rows).await;
+                // Deliveries wait for the broker however long it takes (see
+                // `ordered_producer`); a shutdown leaves the rows unmarked for the
+                // next relay, which republishes them.
+                let published = tokio::select! {
+                    published = publish(&producers, &rows) => published,
+                    _ = shutdown.cancelled() => {
+                        metrics.relay_active.set(0);
+                        return Ok(());
+                    }
+                };
                 metrics.relay_publish_duration.observe(started.elapsed().as_secs_f64());
                 // Parked messages are recorded before their row counts as handled.
                 if !published.parked.is_empty() {
