@@ -273,9 +273,14 @@ impl Applier {
             match decode(m) {
                 Polled::Command(c) => commands.push(c),
                 Polled::Poison { message, reason, answer } => {
-                    // Without the DLQ copy the offset must not move: retry until Kafka takes it.
+                    // Without the DLQ copy the offset must not move: retry until Kafka
+                    // takes it, or until shutdown, which leaves the whole batch to be
+                    // delivered again.
                     while let Err(e) = dead_letter(&self.dlq_producer, &self.dlq, &message, &reason).await {
                         tracing::error!(error = %e, "dead-lettering failed; retrying");
+                        if shutdown.is_cancelled() {
+                            return Ok(());
+                        }
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     refused.extend(answer);
