@@ -273,15 +273,12 @@ impl Applier {
             match decode(m) {
                 Polled::Command(c) => commands.push(c),
                 Polled::Poison { message, reason, answer } => {
-                    // Without the DLQ copy the offset must not move: retry until Kafka
-                    // takes it, or until shutdown, which leaves the whole batch to be
-                    // delivered again.
+                    // Without the DLQ copy the offset must not move: retry until Kafka takes it.
                     while let Err(e) = dead_letter(&self.dlq_producer, &self.dlq, &message, &reason).await {
                         tracing::error!(error = %e, "dead-lettering failed; retrying");
-                        if shutdown.is_cancelled() {
+                        if !pause_before_retry(shutdown).await {
                             return Ok(());
                         }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                     refused.extend(answer);
                 }
@@ -326,10 +323,9 @@ impl Applier {
                         // batch and its offsets and try again.
                         metrics.batch_failures.inc();
                         tracing::error!(error = %e, "database unavailable; retrying the batch");
-                        if shutdown.is_cancelled() {
+                        if !pause_before_retry(shutdown).await {
                             return Ok(());
                         }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
@@ -348,10 +344,9 @@ impl Applier {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "answering a dead-lettered command failed; retrying");
-                        if shutdown.is_cancelled() {
+                        if !pause_before_retry(shutdown).await {
                             return Ok(());
                         }
-                        tokio::time::sleep(Duration::from_secs(1)).await;
                     }
                 }
             }
@@ -369,6 +364,18 @@ impl Applier {
         }
         Ok(())
     }
+}
+
+/// After a failed attempt at something a batch's offsets wait for (its dead
+/// letters, its transaction, its refused requests' answers): false once shutdown
+/// has come, which leaves the batch uncommitted, to be delivered again; otherwise
+/// true, after a second's pause.
+async fn pause_before_retry(shutdown: &CancellationToken) -> bool {
+    if shutdown.is_cancelled() {
+        return false;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    true
 }
 
 /// When traces are exported: one span per command, a child of the gateway's
