@@ -202,28 +202,11 @@ impl BusConfig {
         }
         Ok(())
     }
-
-    /// Fails unless `partition` is one of `topic`'s partitions, as the cluster
-    /// reports them now.
-    pub async fn check_partition(&self, topic: &str, partition: i32) -> Result<(), BusError> {
-        let probe: BaseConsumer = self.assigned_consumer()?;
-        let name = topic.to_string();
-        let metadata = tokio::task::spawn_blocking(move || probe.fetch_metadata(Some(&name), Duration::from_secs(10)))
-            .await
-            .map_err(|e| BusError::Timeout(format!("reading the metadata of {topic}: {e}")))??;
-        let partitions =
-            metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
-        if (0..partitions).contains(&partition) {
-            Ok(())
-        } else {
-            Err(BusError::NoSuchPartition { topic: topic.to_string(), partition, partitions })
-        }
-    }
 }
 
-/// Answers readiness probes: whether the cluster answers a metadata request. One
-/// client made at start serves every probe (a client per probe would cost threads
-/// and connections on every call).
+/// Answers readiness probes: whether the cluster answers a metadata request; and,
+/// at start, whether a partition exists. One client made at start serves every
+/// probe (a client per probe would cost threads and connections on every call).
 #[derive(Clone)]
 pub struct BrokerProbe {
     client: std::sync::Arc<BaseConsumer>,
@@ -233,6 +216,23 @@ pub struct BrokerProbe {
 impl BrokerProbe {
     pub fn new(bus: &BusConfig) -> Result<Self, BusError> {
         Ok(BrokerProbe { client: std::sync::Arc::new(bus.assigned_consumer()?), topic: bus.topics.commands.clone() })
+    }
+
+    /// Fails unless `partition` is one of `topic`'s partitions, as the cluster
+    /// reports them now.
+    pub async fn check_partition(&self, topic: &str, partition: i32) -> Result<(), BusError> {
+        let (probe, name) = (self.clone(), topic.to_string());
+        let metadata =
+            tokio::task::spawn_blocking(move || probe.client.fetch_metadata(Some(&name), Duration::from_secs(10)))
+                .await
+                .map_err(|e| BusError::Timeout(format!("reading the metadata of {topic}: {e}")))??;
+        let partitions =
+            metadata.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len() as i32);
+        if (0..partitions).contains(&partition) {
+            Ok(())
+        } else {
+            Err(BusError::NoSuchPartition { topic: topic.to_string(), partition, partitions })
+        }
     }
 
     pub async fn reachable(&self) -> bool {

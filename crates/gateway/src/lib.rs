@@ -83,15 +83,15 @@ pub struct App {
 pub async fn build(config: GatewayConfig, pool: PgPool, bus: BusConfig) -> Result<Arc<App>, cardflow_bus::BusError> {
     let producer = bus.producer(config.producer_linger_ms)?;
     let async_producer = bus.producer(config.async_producer_linger_ms)?;
+    let broker = cardflow_bus::BrokerProbe::new(&bus)?;
     // A gateway reading a partition that does not exist would answer every
     // synchronous request 202 after the whole deadline, its replies parked by the
     // relay: refuse to start instead.
-    bus.check_partition(&bus.topics.results, config.reply_partition).await?;
+    broker.check_partition(&bus.topics.results, config.reply_partition).await?;
     let replies = Arc::new(ReplyRouter::default());
     tokio::spawn(replies::keep_reading_replies(bus.clone(), config.reply_partition, replies.clone()));
     let auth = Authenticator::new(pool.clone(), config.key_cache_ttl, config.time_window_secs);
     let limiter = config.rate_limit_per_asp.map(|rate| governor::RateLimiter::keyed(governor::Quota::per_second(rate)));
-    let broker = cardflow_bus::BrokerProbe::new(&bus)?;
     let submissions = submissions::SubmissionBook::start(pool.clone());
     Ok(Arc::new(App { config, pool, bus, producer, async_producer, replies, submissions, auth, broker, limiter }))
 }
