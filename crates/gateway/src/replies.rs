@@ -115,11 +115,7 @@ impl ReplyRouter {
             };
             let answered: Vec<_> = match result.request_fingerprint.as_deref() {
                 None => std::mem::take(list),
-                Some(f) => {
-                    let (answered, others) = std::mem::take(list).into_iter().partition(|(sent, _)| sent == f);
-                    *list = others;
-                    answered
-                }
+                Some(f) => list.extract_if(.., |(sent, _)| sent == f).collect(),
             };
             if list.is_empty() {
                 w.by_key.remove(&key);
