@@ -27,6 +27,13 @@ fn audit(sys: &System) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `cardflow audit`, which must fail (exit 1); what it printed.
+fn failed_audit(sys: &System) -> String {
+    let out = audit(sys);
+    assert_eq!(out.status.code(), Some(1));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_transfers_with_duplicates_conserve_money_across_two_workers() {
     let sys = System::start(Roles { workers: 2, reply_deadline_ms: 20_000, ..Roles::default() });
@@ -138,9 +145,7 @@ async fn the_audit_names_a_card_whose_balance_does_not_match_its_entries() {
         .await
         .unwrap();
 
-    let out = audit(&sys);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(m.card(0)));
+    assert!(failed_audit(&sys).contains(m.card(0)));
 }
 
 #[tokio::test]
@@ -167,9 +172,7 @@ async fn the_audit_names_a_completed_transfer_that_lost_its_credit_entry() {
     .await
     .unwrap();
 
-    let out = audit(&sys);
-    assert_eq!(out.status.code(), Some(1));
-    let report = String::from_utf8_lossy(&out.stdout);
+    let report = failed_audit(&sys);
     assert!(report.contains(&format!("transfer {transfer}")), "{report}");
     assert!(report.contains("completed transfers have one debit and one credit of their amount"), "{report}");
     assert!(report.contains("audit FAILED: 1 violation(s)"), "nothing else is named: {report}");
@@ -192,9 +195,7 @@ async fn the_audit_names_a_ledger_entry_whose_transfer_does_not_exist() {
     .await
     .unwrap();
 
-    let out = audit(&sys);
-    assert_eq!(out.status.code(), Some(1));
-    let report = String::from_utf8_lossy(&out.stdout);
+    let report = failed_audit(&sys);
     assert!(report.contains(&format!("entry {orphan}: every entry belongs to a stored transfer and card")), "{report}");
 }
 
