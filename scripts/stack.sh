@@ -7,10 +7,11 @@
 #   scripts/stack.sh bench-broker       start a fresh broker for one bench run, print its address
 #   scripts/stack.sh bench-broker-down  stop it
 #
-# Then:  . .stack/env   (exports DATABASE_URL and KAFKA_BROKERS)
+# Then:  . .stack/env   (exports DATABASE_URL, KAFKA_BROKERS and TANSU_BIN)
 #
 # External services: set DATABASE_URL and/or KAFKA_BROKERS before `up` and the
-# corresponding local service is not started.
+# corresponding local service is not started. Tansu is installed either way: the
+# end-to-end outage tests start (and pause) a broker of their own from TANSU_BIN.
 set -euo pipefail
 
 # Everything below uses paths relative to the repo root.
@@ -36,6 +37,13 @@ TANSU_PID="$STACK/tansu.pid"
 TANSU_LOG="$STACK/tansu.log"
 TANSU_PORT_FILE="$STACK/tansu.port"
 TANSU_URL_FILE="$STACK/tansu.brokers"
+
+# mask_urls: stdin to stdout with the password of `user:password@` and of a
+# `password=` parameter replaced by ***, so an external DATABASE_URL's password
+# never reaches a terminal or a CI log.
+mask_urls() {
+    sed -E 's#(://[^:/@[:space:]]*):[^@/[:space:]]*@#\1:***@#g; s#([?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=)[^&[:space:]]*#\1***#g'
+}
 
 ENV_FILE="$STACK/env"
 
@@ -197,7 +205,7 @@ pg_up() {
     if [[ -n "${DATABASE_URL:-}" ]]; then
         ensure_psql
         "$PSQL" -X "$DATABASE_URL" -qtAc 'select 1' >/dev/null ||
-            die "DATABASE_URL is set but does not answer: $DATABASE_URL"
+            die "DATABASE_URL is set but does not answer: $(mask_urls <<<"$DATABASE_URL")"
         log "postgres: using external DATABASE_URL (answers)"
         return
     fi
@@ -359,13 +367,15 @@ cmd_up() {
     forget_own_env
     pg_up
     tansu_up
-    # Only these two variables; no RUST_LOG or other defaults.
+    ensure_tansu
+    # Only these variables; no RUST_LOG or other defaults.
     {
         printf 'export DATABASE_URL=%q\n' "$DATABASE_URL"
         printf 'export KAFKA_BROKERS=%q\n' "$KAFKA_BROKERS"
+        printf 'export TANSU_BIN=%q\n' "$TANSU_BIN"
     } >"$ENV_FILE"
     log "wrote ${ENV_FILE#"$ROOT"/}:"
-    cat "$ENV_FILE"
+    mask_urls <"$ENV_FILE"
 }
 
 # `make bench` measures against a broker of its own, started empty for every run:
@@ -428,7 +438,7 @@ cmd_status() {
     fi
     if [[ -f "$ENV_FILE" ]]; then
         echo "${ENV_FILE#"$ROOT"/}:"
-        sed 's/^/  /' "$ENV_FILE"
+        mask_urls <"$ENV_FILE" | sed 's/^/  /'
     else
         echo "${ENV_FILE#"$ROOT"/}: absent"
     fi

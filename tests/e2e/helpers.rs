@@ -152,12 +152,17 @@ fn free_port() -> u16 {
 impl System {
     /// A new database and topic prefix, migrated and seeded, with `roles` running.
     pub fn start(roles: Roles) -> System {
+        System::start_on(roles, &env("KAFKA_BROKERS"))
+    }
+
+    /// As `start`, on the broker at `brokers` (e.g. a [`PrivateBroker`]).
+    pub fn start_on(roles: Roles, brokers: &str) -> System {
         let tag = format!("{}_{:08x}", std::process::id(), rand::random::<u32>());
         let admin_url = env("DATABASE_URL");
         let db_name = format!("cardflow_e2e_{tag}");
         let database_url = replace_db(&admin_url, &db_name);
         let bus = BusConfig {
-            brokers: env("KAFKA_BROKERS"),
+            brokers: brokers.to_string(),
             topics: Topics::with_prefix(&format!("e2e-{tag}-")),
             partitions: 4,
             reply_partitions: 4,
@@ -207,6 +212,34 @@ impl System {
     /// Spawns one role of the real binary.
     pub fn spawn(&self, role: &str, extra: &[(&str, String)]) {
         let metrics_port = free_port();
+        let mut cmd = self.command(role, metrics_port, extra);
+        let mut child = cmd.spawn().expect("spawning cardflow");
+        let stdin = child.stdin.take().unwrap();
+        self.processes.lock().unwrap().push((role.to_string(), Process { metrics_port, child, stdin: Some(stdin) }));
+    }
+
+    /// Runs one role that is expected to refuse to start: its exit status and
+    /// standard error, or `None` if it was still running after `within` (and was
+    /// then killed).
+    pub fn run_to_exit(&self, role: &str, extra: &[(&str, String)], within: Duration) -> Option<(i32, String)> {
+        let mut cmd = self.command(role, free_port(), extra);
+        cmd.stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning cardflow");
+        let _stdin = child.stdin.take();
+        let deadline = Instant::now() + within;
+        while child.try_wait().expect("waiting for cardflow").is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("cardflow's output");
+        Some((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+
+    fn command(&self, role: &str, metrics_port: u16, extra: &[(&str, String)]) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cardflow"));
         cmd.arg(role)
             .env("DATABASE_URL", &self.database_url)
@@ -225,9 +258,7 @@ impl System {
         for (k, v) in extra {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawning cardflow");
-        let stdin = child.stdin.take().unwrap();
-        self.processes.lock().unwrap().push((role.to_string(), Process { metrics_port, child, stdin: Some(stdin) }));
+        cmd
     }
 
     /// Stops every process of a role (all roles with `None`): closes their standard
@@ -287,6 +318,13 @@ impl System {
         Reply::read(b.send().await.expect("HTTP request")).await
     }
 
+    /// `metrics`, or `None` while the role is not listening yet.
+    pub async fn try_metrics(&self, role: &str) -> Option<String> {
+        let port = self.processes.lock().unwrap().iter().find(|(r, _)| r == role).map(|(_, p)| p.metrics_port)?;
+        let client = self.client.lock().unwrap().clone();
+        client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.ok()?.text().await.ok()
+    }
+
     /// The `/metrics` text of the first process of a role (the gateway serves it on
     /// its HTTP port).
     pub async fn metrics(&self, role: &str) -> String {
@@ -305,6 +343,60 @@ impl System {
             let _ = p.child.kill();
             let _ = p.child.wait();
         }
+    }
+}
+
+/// A Tansu broker of one test's own, which the test can pause (`SIGSTOP`) to stand
+/// for an outage: the broker stops answering but keeps its connections, as a hung
+/// or partitioned broker does, and the shared broker is left alone.
+pub struct PrivateBroker {
+    child: Child,
+    pub brokers: String,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let bin = std::env::var("TANSU_BIN").expect(
+            "TANSU_BIN: the outage tests start a Tansu of their own; `scripts/stack.sh up` installs it and \
+             writes TANSU_BIN to .stack/env",
+        );
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url])
+            .args(["--advertised-listener-url", &url])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting tansu");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the private tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateBroker { child, brokers: format!("127.0.0.1:{port}") }
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([signal, &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success(), "kill {signal} tansu");
+    }
+
+    /// The broker stops answering (its process is stopped).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -9,6 +9,7 @@ mod concurrency;
 mod events;
 mod idempotency;
 mod observability;
+mod outage;
 mod rules;
 mod security;
 mod transfer;

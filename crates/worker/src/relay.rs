@@ -17,6 +17,8 @@ use cardflow_ledger::outbox::{self, OutboxMessage, OutboxRow, ParkedMessage, NOT
 use cardflow_telemetry::Metrics;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -159,6 +161,98 @@ async fn publish(producers: &Producers, rows: &[OutboxRow]) -> Published {
     out
 }
 
+/// What the active relay does every few seconds besides publishing: checks it
+/// still holds the lock, refreshes the outbox gauges, purges old published rows
+/// and, every `audit_interval`, starts a ledger audit.
+struct Housekeeping {
+    last: Option<Instant>,
+    last_audit: Option<Instant>,
+    /// Set while an audit runs: on a large ledger one may outlast the interval,
+    /// and audits must not pile up on the primary.
+    auditing: Arc<AtomicBool>,
+}
+
+/// The lock connection broke: Postgres has freed the lock and a standby may hold it.
+struct LockLost;
+
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+
+impl Housekeeping {
+    fn new() -> Self {
+        Housekeeping { last: None, last_audit: None, auditing: Arc::new(AtomicBool::new(false)) }
+    }
+
+    fn next_due(&self) -> tokio::time::Instant {
+        match self.last {
+            Some(t) => tokio::time::Instant::from_std(t + HOUSEKEEPING_EVERY),
+            None => tokio::time::Instant::now(),
+        }
+    }
+
+    fn due(&self) -> bool {
+        self.last.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_EVERY)
+    }
+
+    async fn run(
+        &mut self,
+        lock_conn: &mut sqlx::PgConnection,
+        pool: &PgPool,
+        config: &RelayConfig,
+    ) -> Result<(), LockLost> {
+        use sqlx::Connection;
+        self.last = Some(Instant::now());
+        if lock_conn.ping().await.is_err() {
+            return Err(LockLost);
+        }
+        let metrics = Metrics::global();
+        if let Ok((rows, age)) = outbox::backlog(pool).await {
+            metrics.outbox_backlog.set(rows);
+            metrics.outbox_oldest_age.set(age);
+        }
+        if let Err(e) = outbox::purge_published(pool, config.retain_published.as_secs() as i64).await {
+            tracing::warn!(error = %e, "outbox purge failed");
+        }
+        // The active relay also audits the ledger now and then, so the audit
+        // metrics (and their alerts) reflect a recent check.
+        let audit_due = self.last_audit.is_none_or(|t| t.elapsed() >= config.audit_interval);
+        if audit_due && !self.auditing.swap(true, Ordering::AcqRel) {
+            self.last_audit = Some(Instant::now());
+            let (pool, auditing) = (pool.clone(), self.auditing.clone());
+            tokio::spawn(async move {
+                match cardflow_ledger::audit::run(&pool).await {
+                    Ok(report) => {
+                        let m = Metrics::global();
+                        m.audit_violations.set(report.violations.len() as i64);
+                        m.audit_last_run.set(chrono::Utc::now().timestamp() as f64);
+                        for v in &report.violations {
+                            tracing::error!(
+                                subject = v.masked_subject(),
+                                rule = v.rule,
+                                "audit violation; `cardflow audit` names it in full"
+                            );
+                        }
+                    }
+                    // CardflowAuditStale fires when audits keep failing.
+                    Err(e) => tracing::warn!(error = %e, "audit failed to run"),
+                }
+                auditing.store(false, Ordering::Release);
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A relay that stops being the active one stops reporting the outbox and the
+/// audit: the alerts take the largest value across relays, and a standby's old
+/// figures would hold them up (or keep them firing) after the new relay's differ.
+fn stand_down() {
+    let m = Metrics::global();
+    m.relay_active.set(0);
+    m.outbox_backlog.set(0);
+    m.outbox_oldest_age.set(0.0);
+    m.audit_violations.set(0);
+}
+
 pub async fn run_relay(
     config: RelayConfig,
     pool: PgPool,
@@ -198,51 +292,16 @@ pub async fn run_relay(
         tracing::info!("relay active");
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        let mut last_housekeeping = Instant::now() - Duration::from_secs(3600);
-        let mut last_audit: Option<Instant> = None;
+        let mut housekeeping = Housekeeping::new();
         loop {
             if shutdown.is_cancelled() {
-                metrics.relay_active.set(0);
+                stand_down();
                 return Ok(());
             }
-            if last_housekeeping.elapsed() > Duration::from_secs(5) {
-                use sqlx::Connection;
-                if lock_conn.ping().await.is_err() {
-                    tracing::warn!("relay lost its lock connection; standing by");
-                    metrics.relay_active.set(0);
-                    continue 'standby;
-                }
-                if let Ok((rows, age)) = outbox::backlog(&pool).await {
-                    metrics.outbox_backlog.set(rows);
-                    metrics.outbox_oldest_age.set(age);
-                }
-                if let Err(e) = outbox::purge_published(&pool, config.retain_published.as_secs() as i64).await {
-                    tracing::warn!(error = %e, "outbox purge failed");
-                }
-                last_housekeeping = Instant::now();
-            }
-            // The active relay also audits the ledger now and then, so the audit
-            // metrics (and their alert) reflect a recent check.
-            if last_audit.is_none_or(|t| t.elapsed() > config.audit_interval) {
-                last_audit = Some(Instant::now());
-                let pool = pool.clone();
-                tokio::spawn(async move {
-                    match cardflow_ledger::audit::run(&pool).await {
-                        Ok(report) => {
-                            let m = Metrics::global();
-                            m.audit_violations.set(report.violations.len() as i64);
-                            m.audit_last_run.set(chrono::Utc::now().timestamp() as f64);
-                            for v in &report.violations {
-                                tracing::error!(
-                                    subject = v.masked_subject(),
-                                    rule = v.rule,
-                                    "audit violation; `cardflow audit` names it in full"
-                                );
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "audit failed to run"),
-                    }
-                });
+            if housekeeping.due() && housekeeping.run(&mut lock_conn, &pool, &config).await.is_err() {
+                tracing::warn!("relay lost its lock connection; standing by");
+                stand_down();
+                continue 'standby;
             }
             let rows = match outbox::unpublished(&pool, config.batch).await {
                 Ok(rows) => rows,
@@ -257,11 +316,28 @@ pub async fn run_relay(
                 // Deliveries wait for the broker however long it takes (see
                 // `ordered_producer`); a shutdown leaves the rows unmarked for the
                 // next relay, which republishes them.
-                let published = tokio::select! {
-                    published = publish(&producers, &rows) => published,
-                    _ = shutdown.cancelled() => {
-                        metrics.relay_active.set(0);
-                        return Ok(());
+                // Housekeeping goes on while a round waits: the outbox gauges must
+                // grow during a broker outage (their alert is how anyone hears of
+                // it), and a relay whose lock is gone must stop publishing.
+                let publishing = publish(&producers, &rows);
+                tokio::pin!(publishing);
+                let published = loop {
+                    tokio::select! {
+                        published = &mut publishing => break published,
+                        _ = shutdown.cancelled() => {
+                            stand_down();
+                            return Ok(());
+                        }
+                        _ = tokio::time::sleep_until(housekeeping.next_due()) => {
+                            if housekeeping.run(&mut lock_conn, &pool, &config).await.is_err() {
+                                tracing::warn!(
+                                    rows = rows.len(),
+                                    "relay lost its lock connection during a round; leaving its rows to the next relay"
+                                );
+                                stand_down();
+                                continue 'standby;
+                            }
+                        }
                     }
                 };
                 metrics.relay_publish_duration.observe(started.elapsed().as_secs_f64());
