@@ -26,10 +26,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(name = "cardflow", version, about = "Card balance transfers: gateway, worker, relay and tools")]
 struct Cli {
     /// `json` for one JSON object per log line; `text` for people.
-    #[arg(long, env = "LOG_FORMAT", default_value = "text", global = true)]
-    log_format: String,
+    #[arg(long, env = "LOG_FORMAT", value_enum, ignore_case = true, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -240,9 +246,17 @@ fn relay_lines(r: &RelayArgs) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Binds the metrics address before the role starts: a role whose `/metrics` and
+/// probes cannot listen (another process has the port) must not run unseen.
+async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding METRICS_ADDR {addr}"))?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(listener)
+}
+
 /// `/metrics`, `/healthz` and `/readyz` (database and broker) of a worker or relay.
 async fn serve_metrics(
-    addr: std::net::SocketAddr,
+    listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
     pool: sqlx::PgPool,
     bus: cardflow_bus::BusConfig,
@@ -260,10 +274,33 @@ async fn serve_metrics(
             Ok(())
         }
     });
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "metrics listening");
     axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
     Ok(())
+}
+
+/// Runs a role while its metrics server serves. If the server stops first (it only
+/// stops on its own by failing), the role is shut down cleanly and the process
+/// exits with an error, so a supervisor restarts it rather than leaving it unseen.
+async fn alongside_metrics(
+    role: impl std::future::Future<Output = Result<(), cardflow_worker::WorkerError>>,
+    metrics: tokio::task::JoinHandle<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::pin!(role);
+    tokio::select! {
+        ended = &mut role => Ok(ended?),
+        served = metrics => {
+            let asked = shutdown.is_cancelled();
+            shutdown.cancel();
+            role.await?;
+            match served {
+                Ok(Ok(())) if asked => Ok(()),
+                Ok(Ok(())) => anyhow::bail!("the metrics server stopped"),
+                Ok(Err(e)) => Err(e.context("the metrics server failed")),
+                Err(e) => anyhow::bail!("the metrics server panicked: {e}"),
+            }
+        }
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -341,8 +378,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bus = kafka.bus();
             bus.ensure_topics().await?;
             let pool = cardflow_ledger::connect_with_cached_plans(&db.database_url, worker.worker_db_pool).await?;
-            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone(), bus.clone()));
-            cardflow_worker::run_worker(worker.config(), pool, bus, shutdown).await?;
+            let listener = bind_metrics(metrics.metrics_addr).await?;
+            let metrics_task = tokio::spawn(serve_metrics(listener, shutdown.clone(), pool.clone(), bus.clone()));
+            alongside_metrics(
+                cardflow_worker::run_worker(worker.config(), pool, bus, shutdown.clone()),
+                metrics_task,
+                shutdown,
+            )
+            .await?;
         }
         Command::Relay { db, kafka, relay, metrics } => {
             let mut lines = common_lines(&db, &kafka);
@@ -353,8 +396,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bus = kafka.bus();
             bus.ensure_topics().await?;
             let pool = cardflow_ledger::connect(&db.database_url, 4).await?;
-            tokio::spawn(serve_metrics(metrics.metrics_addr, shutdown.clone(), pool.clone(), bus.clone()));
-            cardflow_worker::run_relay(relay.config(), pool, bus, shutdown).await?;
+            let listener = bind_metrics(metrics.metrics_addr).await?;
+            let metrics_task = tokio::spawn(serve_metrics(listener, shutdown.clone(), pool.clone(), bus.clone()));
+            alongside_metrics(
+                cardflow_worker::run_relay(relay.config(), pool, bus, shutdown.clone()),
+                metrics_task,
+                shutdown,
+            )
+            .await?;
         }
         Command::All { db, kafka, gateway, worker, relay } => {
             let mut lines = common_lines(&db, &kafka);
@@ -403,16 +452,95 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = cardflow_telemetry::init(cli.log_format == "json", &format!("cardflow-{}", cli.command.role()));
-    match run(cli).await {
-        Ok(code) => code,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("the tokio runtime");
+    let code = runtime.block_on(async move {
+        let _telemetry = match cardflow_telemetry::init(
+            cli.log_format == LogFormat::Json,
+            &format!("cardflow-{}", cli.command.role()),
+        ) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        match run(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        }
+    });
+    // Everything the role owed is done by now. What may still run is a blocking
+    // read of standard input (CARDFLOW_EXIT_ON_STDIN_EOF), which never ends by
+    // itself: waiting for it kept a role that failed to start from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parses(args: &[&str]) -> bool {
+        Cli::try_parse_from(std::iter::once("cardflow").chain(args.iter().copied())).is_ok()
+    }
+
+    #[test]
+    fn the_defaults_parse_for_every_role() {
+        assert!(parses(&["gateway"]) && parses(&["worker"]) && parses(&["relay"]) && parses(&["all"]));
+    }
+
+    #[test]
+    fn a_relay_batch_of_zero_is_refused() {
+        assert!(!parses(&["relay", "--relay-batch", "0"]));
+        assert!(parses(&["relay", "--relay-batch", "1"]));
+    }
+
+    #[test]
+    fn an_audit_interval_under_ten_seconds_is_refused() {
+        assert!(!parses(&["relay", "--audit-interval-secs", "0"]));
+        assert!(parses(&["relay", "--audit-interval-secs", "10"]));
+    }
+
+    #[test]
+    fn a_worker_batch_of_zero_is_refused() {
+        assert!(!parses(&["worker", "--worker-max-batch", "0"]));
+    }
+
+    #[test]
+    fn a_tran_time_window_that_is_not_positive_is_refused() {
+        assert!(!parses(&["gateway", "--tran-time-window-secs", "-5"]));
+        assert!(!parses(&["gateway", "--tran-time-window-secs", "0"]));
+    }
+
+    #[test]
+    fn pools_and_partitions_of_zero_are_refused() {
+        assert!(!parses(&["gateway", "--gateway-db-pool", "0"]));
+        assert!(!parses(&["worker", "--worker-db-pool", "0"]));
+        assert!(!parses(&["topics", "--kafka-partitions", "0"]));
+        assert!(!parses(&["gateway", "--reply-partition", "-1"]));
+    }
+
+    #[test]
+    fn the_log_format_is_text_or_json_in_any_case_and_nothing_else() {
+        assert!(parses(&["--log-format", "JSON", "worker"]));
+        assert!(parses(&["--log-format", "text", "worker"]));
+        assert!(!parses(&["--log-format", "jsn", "worker"]));
+    }
+
+    #[test]
+    fn help_never_shows_the_database_urls_value() {
+        let cli = Cli::command();
+        for role in cli.get_subcommands() {
+            for arg in role.get_arguments().filter(|a| a.get_id() == "database_url") {
+                assert!(arg.is_hide_env_values_set(), "{} shows DATABASE_URL's value in --help", role.get_name());
+            }
         }
     }
 }

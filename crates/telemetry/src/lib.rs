@@ -35,21 +35,39 @@ impl Drop for Telemetry {
     }
 }
 
+/// What keeps telemetry from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// A `RUST_LOG` that does not parse would otherwise fall back to the default
+    /// filter, and the engineer who set it would not see the logs they asked for.
+    #[error("RUST_LOG={value:?} is not a log filter: {reason}")]
+    LogFilter { value: String, reason: String },
+}
+
+const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,rdkafka=warn,tower_http=warn";
+
+/// The log filter `RUST_LOG` names, or the default when it is unset or empty.
+pub fn log_filter(rust_log: Option<&str>) -> Result<EnvFilter, TelemetryError> {
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        Some(v) => EnvFilter::builder()
+            .parse(v)
+            .map_err(|e| TelemetryError::LogFilter { value: v.to_string(), reason: e.to_string() }),
+        None => Ok(EnvFilter::new(DEFAULT_LOG_FILTER)),
+    }
+}
+
 /// Installs the global `tracing` subscriber: logs (`LOG_FORMAT=json` gives one JSON
 /// object per line; `RUST_LOG` filters, default `info`) and, when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, trace export for `service`.
-pub fn init(json: bool, service: &str) -> Telemetry {
+pub fn init(json: bool, service: &str) -> Result<Telemetry, TelemetryError> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
-    let filter = || {
-        EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,rdkafka=warn,tower_http=warn"))
-    };
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref())?;
     let logs = if json {
-        fmt::layer().json().flatten_event(true).with_target(false).with_filter(filter()).boxed()
+        fmt::layer().json().flatten_event(true).with_target(false).with_filter(filter).boxed()
     } else {
-        fmt::layer().with_target(false).with_filter(filter()).boxed()
+        fmt::layer().with_target(false).with_filter(filter).boxed()
     };
     let (provider, trouble) = match traces::provider(service) {
         Ok(p) => (p, None),
@@ -63,7 +81,7 @@ pub fn init(json: bool, service: &str) -> Telemetry {
     } else if provider.is_some() {
         tracing::info!(service, "exporting traces over OTLP");
     }
-    Telemetry { provider }
+    Ok(Telemetry { provider })
 }
 
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
@@ -186,7 +204,9 @@ impl Metrics {
                 Histogram::with_opts(hist(
                     "cardflow_worker_batch_size",
                     "Commands per applied batch",
-                    vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0],
+                    // Up to WORKER_MAX_BATCH's default (2000) and beyond, so a full batch
+                    // is not read as 1000.
+                    vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0],
                 ))
                 .unwrap(),
             ),
@@ -334,4 +354,26 @@ where
                 }
             }),
         )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unset_or_empty_rust_log_gives_the_default_filter() {
+        assert_eq!(log_filter(None).unwrap().to_string(), EnvFilter::new(DEFAULT_LOG_FILTER).to_string());
+        assert_eq!(log_filter(Some("  ")).unwrap().to_string(), EnvFilter::new(DEFAULT_LOG_FILTER).to_string());
+    }
+
+    #[test]
+    fn a_valid_rust_log_is_the_filter() {
+        assert_eq!(log_filter(Some("debug,sqlx=warn")).unwrap().to_string(), "sqlx=warn,debug");
+    }
+
+    #[test]
+    fn a_rust_log_that_does_not_parse_is_refused_naming_it() {
+        let e = log_filter(Some("info,sqlx=loud")).unwrap_err();
+        assert!(e.to_string().contains("RUST_LOG=\"info,sqlx=loud\""), "{e}");
+    }
 }
