@@ -407,6 +407,15 @@ fn trace_commands(commands: &mut [IncomingCommand], batch: &tracing::Span) -> Ve
         .collect()
 }
 
+/// Messages in a partition the group has not committed. With no commit yet the
+/// group starts from the earliest retained message (`auto.offset.reset`).
+fn lag_of(committed: Offset, low: i64, high: i64) -> i64 {
+    match committed {
+        Offset::Offset(p) => (high - p.max(low)).max(0),
+        _ => (high - low).max(0),
+    }
+}
+
 async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -415,17 +424,18 @@ async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) 
         }
         let c = consumer.clone();
         let lags = tokio::task::spawn_blocking(move || {
+            // Lag is what the group has not committed, the figure Kafka's own tools
+            // show: a worker commits a batch only once it is applied, so commands
+            // fetched but still waiting count. The fetch position would not do: it
+            // is unset on a partition nothing was read from since it was assigned,
+            // which made an idle partition report its whole history after a restart.
             let mut out = Vec::new();
-            let Ok(positions) = c.position() else {
+            let Ok(committed) = c.committed(Duration::from_secs(2)) else {
                 return out;
             };
-            for e in positions.elements() {
-                if let Ok((_, high)) = c.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
-                    let lag = match e.offset() {
-                        Offset::Offset(p) => (high - p).max(0),
-                        _ => high,
-                    };
-                    out.push((e.partition(), lag));
+            for e in committed.elements() {
+                if let Ok((low, high)) = c.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
+                    out.push((e.partition(), lag_of(e.offset(), low, high)));
                 }
             }
             out
@@ -439,5 +449,30 @@ async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) 
         for (partition, lag) in lags {
             gauge.with_label_values(&[&partition.to_string()]).set(lag);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_committed_to_its_end_has_no_lag() {
+        assert_eq!(lag_of(Offset::Offset(120), 0, 120), 0);
+    }
+
+    #[test]
+    fn lag_counts_the_messages_after_the_committed_offset() {
+        assert_eq!(lag_of(Offset::Offset(100), 0, 120), 20);
+    }
+
+    #[test]
+    fn a_partition_never_committed_lags_by_what_it_retains() {
+        assert_eq!(lag_of(Offset::Invalid, 40, 120), 80);
+    }
+
+    #[test]
+    fn a_commit_older_than_what_is_retained_counts_only_retained_messages() {
+        assert_eq!(lag_of(Offset::Offset(10), 40, 120), 80);
     }
 }
