@@ -225,6 +225,31 @@ async fn re_seeding_a_card_the_ledger_moved_keeps_its_ledger_balance_and_the_aud
     assert!(out.status.success(), "audit failed:\n{}", String::from_utf8_lossy(&out.stdout));
 }
 
+#[tokio::test]
+async fn re_seeding_a_card_the_ledger_moved_with_another_member_keeps_its_member() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let other = seed_member(&pool, &[CardSpec::prepaid(0)]).await;
+    assert_eq!(sys.transfer(&m.body(0, 1, Some(300))).await.code(), "000_000");
+
+    let card = serde_json::json!({"cardNo": m.card(0), "userId": other.user_id, "productId": "PREPAID",
+        "status": "ACTIVE", "balance": 1_000, "totalLoaded": 1_000, "expiresOn": "2098-01-01", "maxBalance": null});
+    cardflow_ledger::Fixture::from_json(&serde_json::json!({"cards": [card]}).to_string())
+        .unwrap()
+        .load(&pool)
+        .await
+        .unwrap();
+
+    let owner: Decimal = sqlx::query_scalar("SELECT user_id FROM cards WHERE card_no = $1")
+        .bind(m.card(0))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, Decimal::from(m.user_id), "the card's money stays with the member the ledger knows");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(700));
+}
+
 /// A worker that starts behind by many full batches runs two transactions at
 /// once. Each member's transfers alternate direction with the whole balance, so
 /// any one applied out of order would be rejected for want of money.

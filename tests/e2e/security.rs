@@ -324,3 +324,57 @@ async fn over_the_asp_rate_limit_the_answer_is_429_with_retry_after() {
     assert_eq!(applied + limited.len(), 10);
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000 - applied as i64));
 }
+
+async fn access_key_status(pool: &sqlx::PgPool, key: &str) -> String {
+    sqlx::query_scalar("SELECT status FROM access_keys WHERE key_hash = $1")
+        .bind(cardflow_ledger::credentials::hash_access_key(key))
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn seed_access_key(key: &str, asp_id: &str, status: Option<&str>) -> cardflow_ledger::Fixture {
+    let mut entry = serde_json::json!({"accessKey": key, "signingSecret": "seeded-secret"});
+    if let Some(s) = status {
+        entry["status"] = s.into();
+    }
+    let fixture = serde_json::json!({"asps": [{"aspId": asp_id, "affiliateId": AFFILIATE, "accessKeys": [entry]}]});
+    cardflow_ledger::Fixture::from_json(&fixture.to_string()).unwrap()
+}
+
+fn fresh_access_key() -> String {
+    format!("E2EACCESSKEYSEED{:024}", unique())
+}
+
+#[tokio::test]
+async fn a_re_seed_that_names_no_status_leaves_a_disabled_access_key_disabled() {
+    let pool = shared().pool().await;
+    let key = fresh_access_key();
+    seed_access_key(&key, ASP_ID, None).load(&pool).await.unwrap();
+    sqlx::query("UPDATE access_keys SET status = 'DISABLED' WHERE key_hash = $1")
+        .bind(cardflow_ledger::credentials::hash_access_key(&key))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    seed_access_key(&key, ASP_ID, None).load(&pool).await.unwrap();
+    assert_eq!(access_key_status(&pool, &key).await, "DISABLED");
+    seed_access_key(&key, ASP_ID, Some("ACTIVE")).load(&pool).await.unwrap();
+    assert_eq!(access_key_status(&pool, &key).await, "ACTIVE", "a fixture that names the status sets it");
+}
+
+#[tokio::test]
+async fn a_seed_cannot_move_an_access_key_to_another_asp() {
+    let pool = shared().pool().await;
+    let key = fresh_access_key();
+    seed_access_key(&key, ASP_ID, None).load(&pool).await.unwrap();
+
+    let e = seed_access_key(&key, ASP_ID_3, None).load(&pool).await.unwrap_err().to_string();
+    assert!(e.contains("belongs to another ASP"), "{e}");
+    let owner: String = sqlx::query_scalar("SELECT asp_id FROM access_keys WHERE key_hash = $1")
+        .bind(cardflow_ledger::credentials::hash_access_key(&key))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(owner, ASP_ID);
+}

@@ -3,9 +3,13 @@
 //!
 //! Seeding is an upsert. Once the ledger has moved a card's money, the ledger is
 //! the truth about it: a re-seed (every `make run` re-seeds the demo data) updates
-//! the card's status, product, expiry and limit but keeps its balance, opening
-//! balance and total loaded, so no money is created or destroyed and the audit
-//! keeps holding.
+//! the card's status, product, expiry and limit but keeps its member, balance,
+//! opening balance and total loaded, so no money is created, destroyed or handed
+//! to someone else without a ledger entry, and the audit keeps holding.
+//!
+//! Credentials are the same kind of truth: an access key's status changes only
+//! when the fixture names one (a key an operator disabled stays disabled through
+//! a re-seed that does not say otherwise), and a key never moves to another ASP.
 
 use crate::credentials::hash_access_key;
 use crate::LedgerError;
@@ -157,29 +161,42 @@ impl Fixture {
             .execute(&mut *tx)
             .await?;
             for k in &a.access_keys {
-                sqlx::query(
-                    "INSERT INTO access_keys (key_hash, asp_id, signing_secret, status, expires_at) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (key_hash) DO UPDATE SET asp_id = EXCLUDED.asp_id, signing_secret = EXCLUDED.signing_secret,
-                         status = EXCLUDED.status, expires_at = EXCLUDED.expires_at",
+                let stored = sqlx::query_scalar::<_, i32>(
+                    "INSERT INTO access_keys (key_hash, asp_id, signing_secret, status, expires_at)
+                     VALUES ($1, $2, $3, COALESCE($4, 'ACTIVE'), $5)
+                     ON CONFLICT (key_hash) DO UPDATE SET signing_secret = EXCLUDED.signing_secret,
+                         status = COALESCE($4, access_keys.status), expires_at = EXCLUDED.expires_at
+                     WHERE access_keys.asp_id = EXCLUDED.asp_id
+                     RETURNING 1",
                 )
                 .bind(hash_access_key(&k.access_key))
                 .bind(&a.asp_id)
                 .bind(&k.signing_secret)
-                .bind(k.status.as_deref().unwrap_or("ACTIVE"))
+                .bind(k.status.as_deref())
                 .bind(k.expires_at)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
+                if stored.is_none() {
+                    // The key is half of a credential: its start is enough to find it.
+                    let start: String = k.access_key.chars().take(8).collect();
+                    return Err(bad(format!("accessKey {start}...: it belongs to another ASP, not {}", a.asp_id)));
+                }
             }
             for k in &a.crypto_keys {
-                sqlx::query(
+                let stored = sqlx::query_scalar::<_, i32>(
                     "INSERT INTO crypto_keys (key_id, asp_id, key_material) VALUES ($1, $2, $3)
-                     ON CONFLICT (key_id) DO UPDATE SET asp_id = EXCLUDED.asp_id, key_material = EXCLUDED.key_material",
+                     ON CONFLICT (key_id) DO UPDATE SET key_material = EXCLUDED.key_material
+                     WHERE crypto_keys.asp_id = EXCLUDED.asp_id
+                     RETURNING 1",
                 )
                 .bind(&k.key_id)
                 .bind(&a.asp_id)
                 .bind(decode_key(&k.key).map_err(bad)?)
-                .execute(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
+                if stored.is_none() {
+                    return Err(bad(format!("keyId {}: it belongs to another ASP, not {}", k.key_id, a.asp_id)));
+                }
             }
         }
         for p in &self.products {
@@ -213,7 +230,8 @@ impl Fixture {
             let kept_ledger_balance: bool = sqlx::query_scalar(
                 "INSERT INTO cards (card_no, user_id, product_id, status, balance, opening_balance, total_loaded, expires_on, max_balance)
                  VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8)
-                 ON CONFLICT (card_no) DO UPDATE SET user_id = EXCLUDED.user_id, product_id = EXCLUDED.product_id,
+                 ON CONFLICT (card_no) DO UPDATE SET product_id = EXCLUDED.product_id,
+                     user_id = CASE WHEN cards.sequence = 0 THEN EXCLUDED.user_id ELSE cards.user_id END,
                      status = EXCLUDED.status, expires_on = EXCLUDED.expires_on, max_balance = EXCLUDED.max_balance,
                      balance = CASE WHEN cards.sequence = 0 THEN EXCLUDED.balance ELSE cards.balance END,
                      opening_balance = CASE WHEN cards.sequence = 0 THEN EXCLUDED.balance ELSE cards.opening_balance END,
@@ -234,7 +252,7 @@ impl Fixture {
             if kept_ledger_balance {
                 tracing::warn!(
                     card_no = c.card_no.masked(),
-                    "the card has ledger entries: its balance stays as the ledger left it, not as the fixture says"
+                    "the card has ledger entries: its member and balance stay as the ledger left them, not as the fixture says"
                 );
             }
         }
