@@ -83,6 +83,12 @@ async fn a_status_query_for_an_unknown_request_is_404() {
 }
 
 #[tokio::test]
+async fn a_status_query_whose_path_is_not_text_is_an_invalid_correlation_id() {
+    let reply = shared().status("%FF%FE").await;
+    assert_eq!((reply.status, reply.code(), reply.message()), (400, "000_004", "Invalid value. correlationId"));
+}
+
+#[tokio::test]
 async fn a_status_query_of_a_rejection_answers_like_the_post() {
     let sys = shared();
     let pool = sys.pool().await;

@@ -115,6 +115,19 @@ async fn a_missing_header_is_named() {
 }
 
 #[tokio::test]
+async fn a_header_sent_twice_is_an_invalid_value_and_moves_nothing() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let req = sign_post(&m.body(0, 1, Some(100)), None, false);
+
+    let reply = sys.send(&req, &[("X-KM-Correlation-Id", &fresh_correlation_id())]).await;
+
+    assert_eq!((reply.status, reply.code(), reply.message()), (400, "000_004", "Invalid value. X-KM-Correlation-Id"));
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
+#[tokio::test]
 async fn an_encrypted_request_gets_an_encrypted_answer() {
     let sys = shared();
     let pool = sys.pool().await;

@@ -142,7 +142,11 @@ impl CorrelationId {
         if !digits || b[12] != b'-' || !hex {
             return Err(IdError::Format);
         }
-        NaiveDateTime::parse_from_str(&s[..12], "%y%m%d%H%M%S").map_err(|_| IdError::Format)?;
+        // chrono reads second 60 as a leap second; the spec's time has none.
+        let at = NaiveDateTime::parse_from_str(&s[..12], "%y%m%d%H%M%S").map_err(|_| IdError::Format)?;
+        if chrono::Timelike::nanosecond(&at) >= 1_000_000_000 {
+            return Err(IdError::Format);
+        }
         Ok(Self(s.to_string()))
     }
 
@@ -240,6 +244,12 @@ mod tests {
         assert_eq!(CorrelationId::parse("241332153000-0a1b2c3"), Err(IdError::Format));
         assert_eq!(CorrelationId::parse("240230120000-0000000"), Err(IdError::Format));
         assert_eq!(CorrelationId::parse("241124250000-0000000"), Err(IdError::Format));
+    }
+
+    #[test]
+    fn correlation_id_at_second_sixty_is_rejected() {
+        assert!(CorrelationId::parse("241124153059-0000000").is_ok());
+        assert_eq!(CorrelationId::parse("241124153060-0000000"), Err(IdError::Format));
     }
 
     #[test]

@@ -36,8 +36,16 @@ pub struct RequestHeaders {
     pub time_zone: ClientTimeZone,
 }
 
+/// A header sent twice is an invalid value, as a body field given twice is: a proxy,
+/// a log or the signer may read the other copy, and what is signed, checked and
+/// echoed must be one value.
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    match h.get(name) {
+    let mut values = h.get_all(name).iter();
+    let (first, second) = (values.next(), values.next());
+    if second.is_some() {
+        return Err(ApiError::invalid(name));
+    }
+    match first {
         None => Ok(None),
         Some(v) => match v.to_str() {
             Ok("") => Ok(None),
@@ -51,12 +59,14 @@ fn required<'a>(h: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     header(h, name)?.ok_or_else(|| ApiError::missing(name))
 }
 
-/// `YYYYMMDDHH24MISS`: 14 digits, a real date and time.
+/// `YYYYMMDDHH24MISS`: 14 digits, a real date and time (chrono would read second
+/// 60 as a leap second; no clock a client signs with says that).
 pub fn parse_tran_time(s: &str) -> Option<NaiveDateTime> {
+    use chrono::Timelike;
     if s.len() != 14 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    NaiveDateTime::parse_from_str(s, "%Y%m%d%H%M%S").ok()
+    NaiveDateTime::parse_from_str(s, "%Y%m%d%H%M%S").ok().filter(|t| t.nanosecond() < 1_000_000_000)
 }
 
 /// Parses the headers in the spec's order; the first missing or malformed one is
@@ -94,9 +104,55 @@ pub struct Caller {
     pub crypto: Option<(CryptoKeyId, [u8; 32])>,
 }
 
-struct Cached<T> {
-    at: Instant,
-    value: Option<T>,
+/// Bounds each of the key caches.
+const CACHED_KEYS: usize = 100_000;
+
+/// Looked-up keys, found and not found, each for `ttl`. Keys not found are kept
+/// apart: a flood of made-up keys (each costs a database read, and is cached so
+/// that a repeat does not) can only ever clear the other made-up keys, never evict
+/// the real callers' keys and send their requests to the database.
+struct KeyCache<T> {
+    found: HashMap<String, (Instant, T)>,
+    not_found: HashMap<String, Instant>,
+}
+
+impl<T: Clone> KeyCache<T> {
+    fn new() -> Self {
+        KeyCache { found: HashMap::new(), not_found: HashMap::new() }
+    }
+
+    /// `Some(lookup)` when a lookup younger than `ttl` is cached.
+    fn get(&self, key: &str, ttl: Duration) -> Option<Option<T>> {
+        if let Some((at, value)) = self.found.get(key) {
+            if at.elapsed() < ttl {
+                return Some(Some(value.clone()));
+            }
+        }
+        match self.not_found.get(key) {
+            Some(at) if at.elapsed() < ttl => Some(None),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, key: &str, value: Option<T>) {
+        let now = Instant::now();
+        match value {
+            Some(v) => {
+                self.not_found.remove(key);
+                if self.found.len() >= CACHED_KEYS && !self.found.contains_key(key) {
+                    self.found.clear();
+                }
+                self.found.insert(key.to_string(), (now, v));
+            }
+            None => {
+                self.found.remove(key);
+                if self.not_found.len() >= CACHED_KEYS {
+                    self.not_found.clear();
+                }
+                self.not_found.insert(key.to_string(), now);
+            }
+        }
+    }
 }
 
 /// Looks up keys with a short-lived cache, so that a key change (rotation, a
@@ -105,8 +161,8 @@ pub struct Authenticator {
     pool: PgPool,
     ttl: Duration,
     window: chrono::Duration,
-    access_keys: Mutex<HashMap<String, Cached<AccessKeyRecord>>>,
-    crypto_keys: Mutex<HashMap<String, Cached<CryptoKeyRecord>>>,
+    access_keys: Mutex<KeyCache<AccessKeyRecord>>,
+    crypto_keys: Mutex<KeyCache<CryptoKeyRecord>>,
 }
 
 fn fail(code: ResultCode, why: &str, h: &RequestHeaders) -> ApiError {
@@ -121,38 +177,26 @@ impl Authenticator {
             pool,
             ttl,
             window: chrono::Duration::seconds(window_secs),
-            access_keys: Mutex::new(HashMap::new()),
-            crypto_keys: Mutex::new(HashMap::new()),
+            access_keys: Mutex::new(KeyCache::new()),
+            crypto_keys: Mutex::new(KeyCache::new()),
         }
     }
 
     async fn access_key(&self, key: &str) -> Result<Option<AccessKeyRecord>, ApiError> {
-        if let Some(c) = self.access_keys.lock().unwrap().get(key) {
-            if c.at.elapsed() < self.ttl {
-                return Ok(c.value.clone());
-            }
+        if let Some(cached) = self.access_keys.lock().unwrap().get(key, self.ttl) {
+            return Ok(cached);
         }
         let value = credentials::access_key(&self.pool, key).await?;
-        let mut cache = self.access_keys.lock().unwrap();
-        if cache.len() > 100_000 {
-            cache.clear();
-        }
-        cache.insert(key.to_string(), Cached { at: Instant::now(), value: value.clone() });
+        self.access_keys.lock().unwrap().put(key, value.clone());
         Ok(value)
     }
 
     async fn crypto_key(&self, key_id: &str) -> Result<Option<CryptoKeyRecord>, ApiError> {
-        if let Some(c) = self.crypto_keys.lock().unwrap().get(key_id) {
-            if c.at.elapsed() < self.ttl {
-                return Ok(c.value.clone());
-            }
+        if let Some(cached) = self.crypto_keys.lock().unwrap().get(key_id, self.ttl) {
+            return Ok(cached);
         }
         let value = credentials::crypto_key(&self.pool, key_id).await?;
-        let mut cache = self.crypto_keys.lock().unwrap();
-        if cache.len() > 100_000 {
-            cache.clear();
-        }
-        cache.insert(key_id.to_string(), Cached { at: Instant::now(), value: value.clone() });
+        self.crypto_keys.lock().unwrap().put(key_id, value.clone());
         Ok(value)
     }
 
@@ -260,5 +304,46 @@ mod tests {
             h.insert(name, HeaderValue::from_static(bad));
             assert_eq!(parse_headers(&h).unwrap_err(), ApiError::invalid(name), "{name}");
         }
+    }
+
+    #[test]
+    fn a_header_sent_twice_is_an_invalid_value() {
+        for name in [ASP_ID, CORRELATION_ID, ACCESS_KEY, CRYPTO_KEY_ID, TRAN_TOKEN, TRAN_TIME, TIME_ZONE] {
+            let mut h = headers();
+            let value = h.get(name).cloned().unwrap_or(HeaderValue::from_static("E2ECRYPTOKEY00000000000000000001"));
+            h.append(name, value.clone());
+            h.append(name, value);
+            assert_eq!(parse_headers(&h).unwrap_err(), ApiError::invalid(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn second_sixty_is_not_a_tran_time() {
+        assert!(parse_tran_time("20261124153059").is_some());
+        assert!(parse_tran_time("20261124153060").is_none());
+    }
+
+    #[test]
+    fn a_flood_of_unknown_keys_never_evicts_a_known_one() {
+        let mut cache = KeyCache::new();
+        let ttl = Duration::from_secs(60);
+        cache.put("known", Some(7));
+        for i in 0..CACHED_KEYS + 10 {
+            cache.put(&format!("made-up-{i}"), None);
+        }
+        assert_eq!(cache.get("known", ttl), Some(Some(7)));
+        assert!(cache.not_found.len() <= CACHED_KEYS);
+    }
+
+    #[test]
+    fn a_key_not_found_is_cached_as_not_found_until_it_is_found() {
+        let mut cache = KeyCache::new();
+        let ttl = Duration::from_secs(60);
+        assert_eq!(cache.get("k", ttl), None);
+        cache.put("k", None::<i32>);
+        assert_eq!(cache.get("k", ttl), Some(None));
+        cache.put("k", Some(1));
+        assert_eq!(cache.get("k", ttl), Some(Some(1)));
+        assert_eq!(cache.get("k", Duration::ZERO), None, "an entry older than the ttl is looked up again");
     }
 }

@@ -423,7 +423,10 @@ async fn publish(app: &App, command: &TransferCommand, traceparent: &str) -> Res
 
 async fn get_transfer(
     State(app): State<Arc<App>>,
-    Path(target): Path<String>,
+    // A segment that does not percent-decode to text is answered like any other
+    // invalid correlation id (JSON, the result-code table), not with axum's
+    // plain-text rejection.
+    target: Result<Path<String>, axum::extract::rejection::PathRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -432,6 +435,7 @@ async fn get_transfer(
     let started = Instant::now();
     let echo = echo_correlation_id(&headers);
     let span = request_span("GET", "/api/v1/transfer/balance/{correlationId}", &headers);
+    let target = target.map(|Path(t)| t).unwrap_or_default();
     let (answer, caller) = match status(&app, &target, &method, &uri, &headers, body).instrument(span.clone()).await {
         Ok((answer, caller)) => (answer, Some(caller)),
         Err((e, caller)) => (Answer::of_error(&e), caller),
