@@ -96,12 +96,23 @@ pub fn parse_headers(h: &HeaderMap) -> Result<RequestHeaders, ApiError> {
 }
 
 /// An authenticated caller.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Caller {
     pub asp_id: AspId,
     pub correlation_id: CorrelationId,
     /// The data key when the request is encrypted; the response is encrypted too.
     pub crypto: Option<(CryptoKeyId, [u8; 32])>,
+}
+
+/// Without the data key: a caller that reaches a log must not carry it.
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("asp_id", &self.asp_id)
+            .field("correlation_id", &self.correlation_id)
+            .field("crypto_key_id", &self.crypto.as_ref().map(|(id, _)| id))
+            .finish()
+    }
 }
 
 /// Bounds each of the key caches.

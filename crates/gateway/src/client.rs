@@ -21,7 +21,7 @@ impl std::fmt::Debug for Credentials {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Credentials")
             .field("asp_id", &self.asp_id)
-            .field("access_key", &format_args!("{}***", &self.access_key[..self.access_key.len().min(6)]))
+            .field("access_key", &format_args!("{}***", self.access_key.chars().take(6).collect::<String>()))
             .field("signing_secret", &"***")
             .finish()
     }
@@ -61,7 +61,10 @@ pub struct SignOptions<'a> {
 pub fn sign(creds: &Credentials, o: SignOptions<'_>) -> SignedRequest {
     let correlation_id = o.correlation_id.unwrap_or_else(|| fresh_correlation_id(o.now, o.time_zone));
     let tran_time = o.now.with_timezone(&o.time_zone.offset()).format("%Y%m%d%H%M%S").to_string();
+    // A request without a body (a status query) stays without one: it names the data
+    // key so that its answer is encrypted, and is signed over the empty body.
     let (body, key_id) = match (&creds.crypto_key, o.encrypt) {
+        (Some((id, _)), true) if o.body.is_empty() => (Vec::new(), Some(id.clone())),
         (Some((id, key)), true) => (crypto::envelope(&crypto::encrypt(key, o.body)).into_bytes(), Some(id.clone())),
         _ => (o.body.to_vec(), None),
     };
@@ -105,5 +108,51 @@ impl SignedRequest {
             out.push_str(&format!(" \\\n  --data-binary {}", sh_quote(&String::from_utf8_lossy(&self.body))));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn creds(access_key: &str) -> Credentials {
+        Credentials {
+            asp_id: "DEMOASP00000001".into(),
+            access_key: access_key.into(),
+            signing_secret: "secret".into(),
+            crypto_key: Some(("DEMOCRYPTOKEY0000000000000000001".into(), [7u8; 32])),
+        }
+    }
+
+    fn options<'a>(method: &'a str, body: &'a [u8]) -> SignOptions<'a> {
+        SignOptions {
+            method,
+            path: "/api/v1/transfer/balance/261124153000-0000001",
+            body,
+            encrypt: true,
+            correlation_id: None,
+            time_zone: ClientTimeZone::parse("KST").unwrap(),
+            now: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn an_encrypted_status_query_sends_no_body_but_names_the_data_key() {
+        let signed = sign(&creds("DEMOACCESSKEY000000000000000000000000001"), options("GET", b""));
+        assert!(signed.body.is_empty());
+        assert!(signed.headers.iter().any(|(k, _)| k == CRYPTO_KEY_ID));
+        assert!(!signed.curl("http://x").contains("--data-binary"));
+    }
+
+    #[test]
+    fn an_encrypted_transfer_sends_the_envelope() {
+        let signed = sign(&creds("DEMOACCESSKEY000000000000000000000000001"), options("POST", b"{}"));
+        assert!(String::from_utf8(signed.body).unwrap().starts_with("{\"encData\":"));
+    }
+
+    #[test]
+    fn credentials_debug_hides_the_secret_and_survives_any_access_key() {
+        let shown = format!("{:?}", creds("é".repeat(20).as_str()));
+        assert!(shown.contains("éééééé***") && !shown.contains("secret\""), "{shown}");
     }
 }

@@ -11,7 +11,7 @@ pub fn hash_access_key(access_key: &str) -> String {
     hex::encode(Sha256::digest(access_key.as_bytes()))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AccessKeyRecord {
     pub asp_id: String,
     pub affiliate_id: String,
@@ -19,6 +19,20 @@ pub struct AccessKeyRecord {
     pub active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub require_encryption: bool,
+}
+
+/// Without the signing secret: a record that reaches a log must not carry it.
+impl std::fmt::Debug for AccessKeyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessKeyRecord")
+            .field("asp_id", &self.asp_id)
+            .field("affiliate_id", &self.affiliate_id)
+            .field("signing_secret", &"***")
+            .field("active", &self.active)
+            .field("expires_at", &self.expires_at)
+            .field("require_encryption", &self.require_encryption)
+            .finish()
+    }
 }
 
 impl AccessKeyRecord {
