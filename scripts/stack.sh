@@ -32,7 +32,7 @@ PG_OS_USER=postgres # initdb/postgres refuse to run as root
 TANSU_VERSION=0.6.0
 # Version is part of the default path so bumping TANSU_VERSION reinstalls.
 TANSU_HOME="${TANSU_HOME:-/opt/tansu-$TANSU_VERSION}"
-TANSU_BIN="$TANSU_HOME/bin/tansu"
+TANSU_BIN="${TANSU_BIN:-$TANSU_HOME/bin/tansu}"
 TANSU_PID="$STACK/tansu.pid"
 TANSU_LOG="$STACK/tansu.log"
 TANSU_PORT_FILE="$STACK/tansu.port"

@@ -429,19 +429,26 @@ async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) 
             // fetched but still waiting count. The fetch position would not do: it
             // is unset on a partition nothing was read from since it was assigned,
             // which made an idle partition report its whole history after a restart.
+            // A failed lookup (a slow coordinator, just when lag is high) keeps the
+            // last figures: an empty report would wipe them and restart the lag
+            // alert's `for`.
             let mut out = Vec::new();
             let Ok(committed) = c.committed(Duration::from_secs(2)) else {
-                return out;
+                return None;
             };
             for e in committed.elements() {
                 if let Ok((low, high)) = c.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2)) {
                     out.push((e.partition(), lag_of(e.offset(), low, high)));
                 }
             }
-            out
+            Some(out)
         })
         .await
-        .unwrap_or_default();
+        .ok()
+        .flatten();
+        let Some(lags) = lags else {
+            continue;
+        };
         let gauge = &Metrics::global().consumer_lag;
         // Only partitions this worker owns now: a partition lost in a rebalance
         // must not keep reporting its last lag.

@@ -87,6 +87,19 @@ struct Producers {
     replies: FutureProducer,
 }
 
+impl Producers {
+    /// Drops what a round left queued: with `message.timeout.ms` 0 librdkafka would
+    /// otherwise send it whenever the broker answers again, after the lock (and
+    /// the rows) passed to another relay, or to this one again, which queues the
+    /// rows anew. Messages already on the wire may still land; consumers
+    /// deduplicate those by event id and sequence.
+    fn abandon_round(&self) {
+        use cardflow_bus::rdkafka::producer::{Producer, PurgeConfig};
+        self.events.purge(PurgeConfig::default().queue().inflight());
+        self.replies.purge(PurgeConfig::default().queue().inflight());
+    }
+}
+
 /// Publishes the rows' messages concurrently (the idempotent producer keeps
 /// per-partition order) and keeps the longest prefix of rows that the broker
 /// acknowledged or refused for good. Rows from the first transient failure on
@@ -182,6 +195,13 @@ impl Housekeeping {
         Housekeeping { last: None, last_audit: None, auditing: Arc::new(AtomicBool::new(false)) }
     }
 
+    /// A new activation does its housekeeping and an audit at once (unless an
+    /// audit from before still runs: then the next housekeeping starts it).
+    fn activated(&mut self) {
+        self.last = None;
+        self.last_audit = None;
+    }
+
     fn next_due(&self) -> tokio::time::Instant {
         match self.last {
             Some(t) => tokio::time::Instant::from_std(t + HOUSEKEEPING_EVERY),
@@ -200,17 +220,26 @@ impl Housekeeping {
         config: &RelayConfig,
     ) -> Result<(), LockLost> {
         use sqlx::Connection;
-        self.last = Some(Instant::now());
-        if lock_conn.ping().await.is_err() {
+        // Each step is bounded: a half-open lock connection must not hold the relay
+        // (or its shutdown) for minutes, and a ping that cannot answer in time is
+        // as good as lost. `last` is stamped after, so a slow database gets a
+        // full interval of rest between rounds of housekeeping.
+        let bound = HOUSEKEEPING_EVERY;
+        let pinged = tokio::time::timeout(bound, lock_conn.ping()).await;
+        if !matches!(pinged, Ok(Ok(()))) {
+            self.last = Some(Instant::now());
             return Err(LockLost);
         }
         let metrics = Metrics::global();
-        if let Ok((rows, age)) = outbox::backlog(pool).await {
+        if let Ok(Ok((rows, age))) = tokio::time::timeout(bound, outbox::backlog(pool)).await {
             metrics.outbox_backlog.set(rows);
             metrics.outbox_oldest_age.set(age);
         }
-        if let Err(e) = outbox::purge_published(pool, config.retain_published.as_secs() as i64).await {
-            tracing::warn!(error = %e, "outbox purge failed");
+        let retain = config.retain_published.as_secs() as i64;
+        match tokio::time::timeout(bound, outbox::purge_published(pool, retain)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "outbox purge failed"),
+            Err(_) => tracing::warn!("outbox purge took over {bound:?}; trying again later"),
         }
         // The active relay also audits the ledger now and then, so the audit
         // metrics (and their alerts) reflect a recent check.
@@ -220,6 +249,8 @@ impl Housekeeping {
             let (pool, auditing) = (pool.clone(), self.auditing.clone());
             tokio::spawn(async move {
                 match cardflow_ledger::audit::run(&pool).await {
+                    // A relay that stood down meanwhile no longer reports the audit.
+                    Ok(_) if Metrics::global().relay_active.get() != 1 => {}
                     Ok(report) => {
                         let m = Metrics::global();
                         m.audit_violations.set(report.violations.len() as i64);
@@ -238,6 +269,7 @@ impl Housekeeping {
                 auditing.store(false, Ordering::Release);
             });
         }
+        self.last = Some(Instant::now());
         Ok(())
     }
 }
@@ -264,6 +296,9 @@ pub async fn run_relay(
         replies: bus.ordered_producer(config.producer_linger_ms)?,
     };
     let metrics = Metrics::global();
+    // One for the process, not per activation: an audit started before a lock flap
+    // must still keep the next activation from starting another beside it.
+    let mut housekeeping = Housekeeping::new();
     'standby: loop {
         // The lock lives as long as this connection: if it breaks, Postgres frees the
         // lock and a standby takes over.
@@ -292,7 +327,7 @@ pub async fn run_relay(
         tracing::info!("relay active");
         let mut listener = PgListener::connect_with(&pool).await?;
         listener.listen(NOTIFY_CHANNEL).await?;
-        let mut housekeeping = Housekeeping::new();
+        housekeeping.activated();
         loop {
             if shutdown.is_cancelled() {
                 stand_down();
@@ -334,6 +369,7 @@ pub async fn run_relay(
                                     rows = rows.len(),
                                     "relay lost its lock connection during a round; leaving its rows to the next relay"
                                 );
+                                producers.abandon_round();
                                 stand_down();
                                 continue 'standby;
                             }
