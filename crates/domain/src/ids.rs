@@ -2,7 +2,6 @@
 //! from then on; a parse error names what was wrong so the gateway can answer with
 //! the field.
 
-use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -142,11 +141,7 @@ impl CorrelationId {
         if !digits || b[12] != b'-' || !hex {
             return Err(IdError::Format);
         }
-        // chrono reads second 60 as a leap second; the spec's time has none.
-        let at = NaiveDateTime::parse_from_str(&s[..12], "%y%m%d%H%M%S").map_err(|_| IdError::Format)?;
-        if chrono::Timelike::nanosecond(&at) >= 1_000_000_000 {
-            return Err(IdError::Format);
-        }
+        crate::time_zone::parse_wall_clock(&s[..12], "%y%m%d%H%M%S").ok_or(IdError::Format)?;
         Ok(Self(s.to_string()))
     }
 

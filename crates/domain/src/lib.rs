@@ -23,4 +23,4 @@ pub use money::Money;
 pub use request::{RequestError, TransferRequest};
 pub use result_code::ResultCode;
 pub use rules::{decide, CardView, Decision, TransferContext};
-pub use time_zone::ClientTimeZone;
+pub use time_zone::{parse_wall_clock, ClientTimeZone};

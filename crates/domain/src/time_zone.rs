@@ -2,7 +2,14 @@
 //! Only fixed-offset abbreviations are accepted, so a clock reading never depends on
 //! daylight-saving tables the client and server might disagree about.
 
-use chrono::FixedOffset;
+use chrono::{FixedOffset, NaiveDateTime, Timelike};
+
+/// A real date and time written in `format` (correlation ids, `X-KM-Tran-Time`).
+/// chrono reads second 60 as a leap second; no clock a client stamps with says
+/// that, so it is refused here for every caller.
+pub fn parse_wall_clock(s: &str, format: &str) -> Option<NaiveDateTime> {
+    NaiveDateTime::parse_from_str(s, format).ok().filter(|t| t.nanosecond() < 1_000_000_000)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientTimeZone {

@@ -59,14 +59,12 @@ fn required<'a>(h: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     header(h, name)?.ok_or_else(|| ApiError::missing(name))
 }
 
-/// `YYYYMMDDHH24MISS`: 14 digits, a real date and time (chrono would read second
-/// 60 as a leap second; no clock a client signs with says that).
+/// `YYYYMMDDHH24MISS`: 14 digits, a real date and time.
 pub fn parse_tran_time(s: &str) -> Option<NaiveDateTime> {
-    use chrono::Timelike;
     if s.len() != 14 || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    NaiveDateTime::parse_from_str(s, "%Y%m%d%H%M%S").ok().filter(|t| t.nanosecond() < 1_000_000_000)
+    cardflow_domain::parse_wall_clock(s, "%Y%m%d%H%M%S")
 }
 
 /// Parses the headers in the spec's order; the first missing or malformed one is
@@ -193,22 +191,27 @@ impl Authenticator {
         }
     }
 
-    async fn access_key(&self, key: &str) -> Result<Option<AccessKeyRecord>, ApiError> {
-        if let Some(cached) = self.access_keys.lock().unwrap().get(key, self.ttl) {
+    /// `key` from `cache`, or from `lookup` (a database read, run only on a miss).
+    async fn cached<T: Clone>(
+        &self,
+        cache: &Mutex<KeyCache<T>>,
+        key: &str,
+        lookup: impl std::future::Future<Output = Result<Option<T>, cardflow_ledger::LedgerError>>,
+    ) -> Result<Option<T>, ApiError> {
+        if let Some(cached) = cache.lock().unwrap().get(key, self.ttl) {
             return Ok(cached);
         }
-        let value = credentials::access_key(&self.pool, key).await?;
-        self.access_keys.lock().unwrap().put(key, value.clone());
+        let value = lookup.await?;
+        cache.lock().unwrap().put(key, value.clone());
         Ok(value)
     }
 
+    async fn access_key(&self, key: &str) -> Result<Option<AccessKeyRecord>, ApiError> {
+        self.cached(&self.access_keys, key, credentials::access_key(&self.pool, key)).await
+    }
+
     async fn crypto_key(&self, key_id: &str) -> Result<Option<CryptoKeyRecord>, ApiError> {
-        if let Some(cached) = self.crypto_keys.lock().unwrap().get(key_id, self.ttl) {
-            return Ok(cached);
-        }
-        let value = credentials::crypto_key(&self.pool, key_id).await?;
-        self.crypto_keys.lock().unwrap().put(key_id, value.clone());
-        Ok(value)
+        self.cached(&self.crypto_keys, key_id, credentials::crypto_key(&self.pool, key_id)).await
     }
 
     /// Checks key, token, time window and data key. `body` is the raw body as sent.
