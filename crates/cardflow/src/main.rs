@@ -278,14 +278,19 @@ async fn serve_metrics(
     Ok(())
 }
 
-/// Runs a role while its metrics server serves. If the server stops first (it only
-/// stops on its own by failing), the role is shut down cleanly and the process
-/// exits with an error, so a supervisor restarts it rather than leaving it unseen.
+/// Runs a role (a future not yet started) while its metrics server serves on
+/// `addr`, bound first. If the server stops first (it only stops on its own by
+/// failing), the role is shut down cleanly and the process exits with an error,
+/// so a supervisor restarts it rather than leaving it unseen.
 async fn alongside_metrics(
-    role: impl std::future::Future<Output = Result<(), cardflow_worker::WorkerError>>,
-    metrics: tokio::task::JoinHandle<anyhow::Result<()>>,
+    addr: std::net::SocketAddr,
+    pool: &sqlx::PgPool,
+    bus: &cardflow_bus::BusConfig,
     shutdown: CancellationToken,
+    role: impl std::future::Future<Output = Result<(), cardflow_worker::WorkerError>>,
 ) -> anyhow::Result<()> {
+    let listener = bind_metrics(addr).await?;
+    let metrics = tokio::spawn(serve_metrics(listener, shutdown.clone(), pool.clone(), bus.clone()));
     tokio::pin!(role);
     tokio::select! {
         ended = &mut role => Ok(ended?),
@@ -378,14 +383,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bus = kafka.bus();
             bus.ensure_topics().await?;
             let pool = cardflow_ledger::connect_with_cached_plans(&db.database_url, worker.worker_db_pool).await?;
-            let listener = bind_metrics(metrics.metrics_addr).await?;
-            let metrics_task = tokio::spawn(serve_metrics(listener, shutdown.clone(), pool.clone(), bus.clone()));
-            alongside_metrics(
-                cardflow_worker::run_worker(worker.config(), pool, bus, shutdown.clone()),
-                metrics_task,
-                shutdown,
-            )
-            .await?;
+            let role = cardflow_worker::run_worker(worker.config(), pool.clone(), bus.clone(), shutdown.clone());
+            alongside_metrics(metrics.metrics_addr, &pool, &bus, shutdown, role).await?;
         }
         Command::Relay { db, kafka, relay, metrics } => {
             let mut lines = common_lines(&db, &kafka);
@@ -396,14 +395,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let bus = kafka.bus();
             bus.ensure_topics().await?;
             let pool = cardflow_ledger::connect(&db.database_url, 4).await?;
-            let listener = bind_metrics(metrics.metrics_addr).await?;
-            let metrics_task = tokio::spawn(serve_metrics(listener, shutdown.clone(), pool.clone(), bus.clone()));
-            alongside_metrics(
-                cardflow_worker::run_relay(relay.config(), pool, bus, shutdown.clone()),
-                metrics_task,
-                shutdown,
-            )
-            .await?;
+            let role = cardflow_worker::run_relay(relay.config(), pool.clone(), bus.clone(), shutdown.clone());
+            alongside_metrics(metrics.metrics_addr, &pool, &bus, shutdown, role).await?;
         }
         Command::All { db, kafka, gateway, worker, relay } => {
             let mut lines = common_lines(&db, &kafka);
