@@ -210,7 +210,7 @@ impl Housekeeping {
     }
 
     fn due(&self) -> bool {
-        self.last.is_none_or(|t| t.elapsed() >= HOUSEKEEPING_EVERY)
+        self.next_due() <= tokio::time::Instant::now()
     }
 
     async fn run(
@@ -350,10 +350,10 @@ pub async fn run_relay(
                 let started = Instant::now();
                 // Deliveries wait for the broker however long it takes (see
                 // `ordered_producer`); a shutdown leaves the rows unmarked for the
-                // next relay, which republishes them.
-                // Housekeeping goes on while a round waits: the outbox gauges must
-                // grow during a broker outage (their alert is how anyone hears of
-                // it), and a relay whose lock is gone must stop publishing.
+                // next relay, which republishes them. Housekeeping goes on while a
+                // round waits: the outbox gauges must grow during a broker outage
+                // (their alert is how anyone hears of it), and a relay whose lock
+                // is gone must stop publishing.
                 let publishing = publish(&producers, &rows);
                 tokio::pin!(publishing);
                 let published = loop {
