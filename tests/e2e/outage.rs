@@ -45,15 +45,21 @@ async fn lock_holder(pool: &PgPool) -> Option<i32> {
     .unwrap()
 }
 
-#[tokio::test]
-async fn the_outbox_age_keeps_growing_while_the_broker_does_not_answer() {
+/// A relay-only system on a broker of its own, the relay active, then the broker
+/// paused and an unpublished row keyed `key` written: the relay's round waits.
+async fn an_unpublished_row_behind_a_paused_broker(key: &str) -> (PrivateBroker, System, PgPool) {
     let broker = PrivateBroker::start();
     let sys = System::start_on(relay_only(), &broker.brokers);
     relay_is_active(&sys).await;
     let pool = sys.pool().await;
-
     broker.pause();
-    unpublished_row(&sys, &pool, "outage-age").await;
+    unpublished_row(&sys, &pool, key).await;
+    (broker, sys, pool)
+}
+
+#[tokio::test]
+async fn the_outbox_age_keeps_growing_while_the_broker_does_not_answer() {
+    let (broker, sys, _pool) = an_unpublished_row_behind_a_paused_broker("outage-age").await;
     eventually(Duration::from_secs(40), "the outbox age gauge past 8 s", || async {
         let age = metric(&sys.try_metrics("relay").await?, "cardflow_outbox_oldest_age_seconds")?;
         (age >= 8.0).then_some(())
@@ -79,13 +85,7 @@ async fn the_outbox_age_keeps_growing_while_the_broker_does_not_answer() {
 
 #[tokio::test]
 async fn a_relay_that_loses_its_lock_while_the_broker_hangs_stands_by_and_takes_it_again() {
-    let broker = PrivateBroker::start();
-    let sys = System::start_on(relay_only(), &broker.brokers);
-    relay_is_active(&sys).await;
-    let pool = sys.pool().await;
-
-    broker.pause();
-    unpublished_row(&sys, &pool, "outage-lock").await;
+    let (broker, sys, pool) = an_unpublished_row_behind_a_paused_broker("outage-lock").await;
     // The relay reads the row at once (the outbox notifies) and waits on the broker.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let holder = lock_holder(&pool).await.expect("the relay holds its lock");
