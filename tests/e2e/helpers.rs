@@ -584,11 +584,8 @@ impl Member {
     }
 
     pub fn body(&self, from: usize, to: usize, amount: Option<i64>) -> Value {
-        let mut b = json!({"userId": self.user_id, "fromCardNo": self.cards[from], "toCardNo": self.cards[to]});
-        if let Some(a) = amount {
-            b["amount"] = json!(a);
-        }
-        b
+        // `None` is a null amount, the whole balance: the key itself is required.
+        json!({"userId": self.user_id, "fromCardNo": self.cards[from], "toCardNo": self.cards[to], "amount": amount})
     }
 }
 

@@ -39,6 +39,14 @@ fn cases() -> Vec<Case> {
             message: "Missing required values. toCardNo",
         },
         Case {
+            name: "absent amount (null asks for the whole balance; a missing key is a mistake)",
+            cards: two(),
+            body: |m| without(m.body(0, 1, Some(1)), "amount"),
+            status: 400,
+            code: "000_003",
+            message: "Missing required values. amount",
+        },
+        Case {
             name: "null userId",
             cards: two(),
             body: |m| with(m.body(0, 1, Some(1)), "userId", Value::Null),

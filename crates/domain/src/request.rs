@@ -1,5 +1,7 @@
 //! The body of `POST /api/v1/transfer/balance`, parsed from JSON exactly as the spec
-//! and the result-code table say: a missing or null required field is `000_003`, a
+//! and the result-code table say: a missing or null required field is `000_003` (an
+//! absent `amount` too: the spec marks it required, and null is its one way of
+//! asking for the whole balance), a
 //! value of the wrong type, length, format or range is `000_004`, a body that is not
 //! a JSON object is `000_005`. Fields are checked in the spec's order, so the first
 //! bad field is the one named.
@@ -15,7 +17,7 @@ pub struct TransferRequest {
     pub user_id: UserId,
     pub from_card_no: CardNo,
     pub to_card_no: CardNo,
-    /// `None` (absent, null) and zero both mean "the whole balance".
+    /// `None` (null) and zero both mean "the whole balance".
     pub amount: Option<Money>,
 }
 
@@ -107,8 +109,12 @@ impl TransferRequest {
         };
         let from_card_no = card_no(obj, "fromCardNo")?;
         let to_card_no = card_no(obj, "toCardNo")?;
+        // An absent amount is not read as null: a misspelt key (`Amount`,
+        // `ammount`) would otherwise move the whole balance of a client that meant
+        // to move a part of it.
         let amount = match obj.get("amount") {
-            None | Some(Value::Null) => None,
+            None => return Err(RequestError::missing("amount")),
+            Some(Value::Null) => None,
             Some(Value::Number(n)) => {
                 Some(Money::parse_request_amount(&n.to_string()).map_err(|_| RequestError::invalid("amount"))?)
             }
@@ -171,13 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn amount_may_be_absent_or_null() {
-        let mut b = body();
-        b.as_object_mut().unwrap().remove("amount");
-        assert_eq!(parse(b).unwrap().amount, None);
+    fn a_null_amount_asks_for_the_whole_balance() {
         let mut b = body();
         b["amount"] = Value::Null;
         assert_eq!(parse(b).unwrap().amount, None);
+    }
+
+    #[test]
+    fn an_absent_amount_is_missing_not_the_whole_balance() {
+        let mut absent = body();
+        absent.as_object_mut().unwrap().remove("amount");
+        let mut misspelt = absent.clone();
+        misspelt["Amount"] = json!(100);
+        for b in [absent, misspelt] {
+            assert_eq!(parse(b).unwrap_err(), RequestError::missing("amount"));
+        }
     }
 
     #[test]
@@ -207,7 +221,7 @@ mod tests {
     #[test]
     fn the_largest_user_id_parses_exactly() {
         let raw =
-            br#"{"userId": 9999999999999999999, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002"}"#;
+            br#"{"userId": 9999999999999999999, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002", "amount": null}"#;
         assert_eq!(TransferRequest::from_json_bytes(raw).unwrap().user_id.get(), UserId::MAX);
     }
 
