@@ -93,11 +93,19 @@ pub fn envelope(enc_data: &str) -> String {
     serde_json::json!({ "encData": enc_data }).to_string()
 }
 
+/// An envelope body. Derived, so that `encData` given twice is refused (serde's
+/// derive does, a `Value` keeps the last): readers of a repeated key disagree on
+/// which ciphertext was sent.
+#[derive(serde::Deserialize)]
+struct Envelope {
+    #[serde(rename = "encData")]
+    enc_data: String,
+}
+
 /// Reads `encData` from an envelope body.
 pub fn open_envelope(key: &[u8; 32], body: &[u8]) -> Result<Vec<u8>, DecryptError> {
-    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| DecryptError)?;
-    let enc = v.get("encData").and_then(|e| e.as_str()).ok_or(DecryptError)?;
-    decrypt(key, enc)
+    let envelope: Envelope = serde_json::from_slice(body).map_err(|_| DecryptError)?;
+    decrypt(key, &envelope.enc_data)
 }
 
 #[cfg(test)]
@@ -158,5 +166,15 @@ mod tests {
         assert_eq!(decrypt(&key, &B64.encode(raw)), Err(DecryptError));
         assert_eq!(decrypt(&[8u8; 32], &enc), Err(DecryptError));
         assert_eq!(decrypt(&key, "not base64!"), Err(DecryptError));
+    }
+
+    #[test]
+    fn an_envelope_opens_and_one_with_encdata_twice_does_not() {
+        let key = [7u8; 32];
+        let (first, second) = (encrypt(&key, b"first"), encrypt(&key, b"second"));
+        let once = format!(r#"{{"encData": "{first}"}}"#);
+        let twice = format!(r#"{{"encData": "{first}", "encData": "{second}"}}"#);
+        assert_eq!(open_envelope(&key, once.as_bytes()), Ok(b"first".to_vec()));
+        assert_eq!(open_envelope(&key, twice.as_bytes()), Err(DecryptError));
     }
 }
