@@ -87,6 +87,32 @@ async fn two_bodies_sent_at_once_under_a_new_correlation_id_get_one_success_and_
     assert_eq!(entries(&pool, m.card(1)).await.len(), 10);
 }
 
+/// The submission row keeps whichever body's row landed first, which need not be
+/// the body the worker applies first (here A was published and its row lost).
+/// Only the ledger knows which body won, so until it decides a retry of either is
+/// published and waits: A's client must not hear `000_008`, "nothing moved", while
+/// A's money moves.
+#[tokio::test]
+async fn a_retry_is_not_refused_on_another_bodys_submission_before_the_ledger_decides() {
+    let sys = System::start(Roles { workers: 0, reply_deadline_ms: 30_000, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let a = crate::transfer::command(&m, 0, 1, Some(100), 0, &sys);
+    let cid = a.correlation_id.to_string();
+    produce(&sys.bus, &sys.bus.topics.commands, &m.user_id.to_string(), &serde_json::to_vec(&a).unwrap(), None).await;
+    let b = sign_post(&m.body(0, 1, Some(200)), Some(cid.clone()), false);
+    assert_eq!(sys.send(&b, &[("Prefer", "respond-async")]).await.status, 202);
+
+    let a_again = sign_post(&m.body(0, 1, Some(100)), Some(cid.clone()), false);
+    let (retry, ()) = tokio::join!(sys.send(&a_again, &[]), async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        sys.spawn("worker", &[]);
+    });
+
+    assert_eq!((retry.status, retry.code(), retry.amount()), (200, "000_000", Some(dec(100))), "{:?}", retry.json);
+    assert_eq!(balance(&pool, m.card(1)).await, dec(100), "A moved, B did not");
+}
+
 #[tokio::test]
 async fn a_repeated_rejection_stays_a_rejection_after_the_balance_changed() {
     let sys = shared();
