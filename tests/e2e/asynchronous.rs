@@ -183,6 +183,9 @@ async fn a_command_with_an_amount_no_request_may_name_is_dead_lettered_answered_
     let command = crate::transfer::command(&m, 0, 1, Some(1), 3, sys);
     let mut cmd = serde_json::to_value(&command).unwrap();
     cmd["request"]["amount"] = serde_json::json!("0.5");
+    // The fingerprint of what it names, as a writer that knows the format would send.
+    let forged: cardflow_domain::TransferCommand = serde_json::from_value(cmd.clone()).unwrap();
+    cmd["fingerprint"] = serde_json::json!(forged.request.fingerprint());
     produce(&sys.bus, &sys.bus.topics.commands, m.card(0), cmd.to_string().as_bytes(), None).await;
 
     let reason = dead_letter_reason(sys, m.card(0)).await;
@@ -195,6 +198,28 @@ async fn a_command_with_an_amount_no_request_may_name_is_dead_lettered_answered_
     .await;
     assert_eq!((answer.status, answer.code()), (400, "017_002"));
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
+/// Only a writer that bypasses the gateway can send a fingerprint that is not the
+/// request's; one Postgres cannot even store (a NUL) once kept the worker retrying
+/// its batch, and the member's partition behind it, for ever.
+#[tokio::test]
+async fn a_command_whose_fingerprint_is_not_its_requests_is_dead_lettered_and_the_members_next_transfer_applies() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let command = crate::transfer::command(&m, 0, 1, Some(100), 3, sys);
+    let mut forged = serde_json::to_value(&command).unwrap();
+    forged["fingerprint"] = serde_json::json!("\u{0}");
+    let member = m.user_id.to_string();
+    produce(&sys.bus, &sys.bus.topics.commands, &member, forged.to_string().as_bytes(), None).await;
+
+    let reply = sys.transfer(&m.body(0, 1, Some(10))).await;
+
+    assert_eq!((reply.status, reply.code()), (200, "000_000"));
+    assert_eq!(dead_letter_reason(sys, &member).await, "fingerprint does not match the request");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(990));
+    assert_eq!(sys.status(&command.correlation_id.to_string()).await.status, 404, "nothing is stored under it");
 }
 
 /// A gateway of a later release may write a version this worker does not read: the

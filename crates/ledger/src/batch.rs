@@ -52,10 +52,15 @@ pub struct IncomingCommand {
 /// What became of each command of a batch, in offset order.
 #[derive(Debug, Default)]
 pub struct BatchReport {
+    /// One per command, but for those in `unrecorded`.
     pub results: Vec<AppliedResult>,
     /// True when the batch transaction failed and its commands were applied one
     /// at a time instead.
     pub split: bool,
+    /// Commands (by batch position) that failed and whose `017_002` could not be
+    /// stored either, with the error: the ledger holds nothing of them, so the
+    /// caller must keep them elsewhere (the dead-letter topic) before it moves on.
+    pub unrecorded: Vec<(usize, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -622,9 +627,11 @@ where
 
 /// Applies a batch, retrying it whole; if it keeps failing, applies its commands
 /// one at a time so that one bad command cannot hold up the others, and records a
-/// command that still fails as `017_002`. Only a database that cannot be reached
-/// at all makes this return an error: then nothing was recorded and the caller
-/// must not commit the offsets.
+/// command that still fails for good as `017_002`. A temporary failure (a lost
+/// connection, a deadlock) makes this return an error instead, also for a single
+/// command: `017_002` is final, and a transfer that would succeed a second later
+/// must not be refused for ever. After an error the caller must not commit the
+/// offsets; the commands already committed are repeats when the batch comes again.
 pub async fn apply_resilient(
     pool: &PgPool,
     batch: &[IncomingCommand],
@@ -642,16 +649,23 @@ pub async fn apply_resilient(
     }
     tracing::error!(error = %err, size = batch.len(), "batch failed; applying its commands one at a time");
     let mut report = BatchReport { split: true, ..BatchReport::default() };
-    for incoming in batch {
+    for (index, incoming) in batch.iter().enumerate() {
         let single = std::slice::from_ref(incoming);
-        match with_retries(policy, || apply_batch(pool, single, topics, today)).await {
-            Ok(mut r) => report.results.append(&mut r.results),
+        let error = match with_retries(policy, || apply_batch(pool, single, topics, today)).await {
+            Ok(mut r) => {
+                report.results.append(&mut r.results);
+                continue;
+            }
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => e,
+        };
+        tracing::error!(error = %error, correlation_id = %incoming.command.correlation_id, "command failed; answering 017_002");
+        match with_retries(policy, || record_failure(pool, incoming, topics)).await {
+            Ok(r) => report.results.push(r),
+            Err(e) if e.is_transient() => return Err(e),
             Err(e) => {
-                if e.is_transient() && !crate::ping(pool).await {
-                    return Err(e);
-                }
-                tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "command failed; answering 017_002");
-                report.results.push(with_retries(policy, || record_failure(pool, incoming, topics)).await?);
+                tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "017_002 could not be stored either");
+                report.unrecorded.push((index, format!("{error}; its 017_002 could not be stored: {e}")));
             }
         }
     }

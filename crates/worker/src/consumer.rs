@@ -44,16 +44,14 @@ pub struct WorkerConfig {
 }
 
 enum Polled {
-    Command(IncomingCommand),
+    /// A command to apply, with its message, which goes to the dead-letter topic
+    /// if the ledger can store nothing of it.
+    Command(IncomingCommand, OwnedMessage),
     /// A message this worker will not apply. `answer` is the command when it still
     /// reads as one: its request is then answered `017_002` (stored, so a later
     /// redrive from the dead-letter topic is a repeat and moves no money) instead
     /// of staying pending for good. A message that does not decode names no request.
-    Poison {
-        message: OwnedMessage,
-        reason: String,
-        answer: Option<IncomingCommand>,
-    },
+    Poison { message: OwnedMessage, reason: String, answer: Option<IncomingCommand> },
 }
 
 fn decode(msg: OwnedMessage) -> Polled {
@@ -64,6 +62,13 @@ fn decode(msg: OwnedMessage) -> Polled {
     };
     let refusal = if command.request.amount.is_some_and(|a| !a.is_request_amount()) {
         Some("amount is not a whole number in 0..999999999999".to_string())
+    // Stored with the transfer and compared on every repeat, so it must be the
+    // request's own: a gateway always sends that, and anything else (a made-up
+    // value, a string Postgres cannot store) could never be recorded or answered.
+    if command.fingerprint != command.request.fingerprint() {
+        let reason = "fingerprint does not match the request".to_string();
+        return Polled::Poison { message: msg, reason, answer: None };
+    }
     } else if command.schema_version != SCHEMA_VERSION {
         Some(format!("unsupported schema version {}", command.schema_version))
     } else {
@@ -78,7 +83,7 @@ fn decode(msg: OwnedMessage) -> Polled {
     });
     let incoming = IncomingCommand { command, traceparent };
     match refusal {
-        None => Polled::Command(incoming),
+        None => Polled::Command(incoming, msg),
         Some(reason) => Polled::Poison { message: msg, reason, answer: Some(incoming) },
     }
 }
@@ -271,7 +276,10 @@ impl Applier {
             let slot = offsets.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
             *slot = (*slot).max(m.offset());
             match decode(m) {
-                Polled::Command(c) => commands.push(c),
+                Polled::Command(c, message) => {
+                    commands.push(c);
+                    command_messages.push(message);
+                }
                 Polled::Poison { message, reason, answer } => {
                     // Without the DLQ copy the offset must not move: retry until Kafka takes it.
                     while let Err(e) = dead_letter(&self.dlq_producer, &self.dlq, &message, &reason).await {
@@ -298,7 +306,9 @@ impl Applier {
                         }
                         metrics.batch_size.observe(commands.len() as f64);
                         metrics.batch_duration.observe(started.elapsed().as_secs_f64());
-                        for (i, r) in report.results.iter().enumerate() {
+                        let unrecorded: BTreeSet<usize> = report.unrecorded.iter().map(|(i, _)| *i).collect();
+                        let recorded = (0..commands.len()).filter(|i| !unrecorded.contains(i));
+                        for (i, r) in recorded.zip(report.results.iter()) {
                             let repeat = if r.repeat { "true" } else { "false" };
                             metrics.commands_applied.with_label_values(&[&r.result.code, repeat]).inc();
                             if let Some(span) = apply_spans.get(i) {
@@ -319,11 +329,13 @@ impl Applier {
                         break;
                     }
                     Err(e) => {
-                        // The database is unreachable: nothing was recorded. Keep the
-                        // batch and its offsets and try again.
+                        // A temporary failure (the database unreachable, a deadlock):
+                        // nothing of it was recorded. Keep the batch and its offsets
+                        // and try again.
                         metrics.batch_failures.inc();
                         tracing::error!(error = %e, "database unavailable; retrying the batch");
                         if !pause_before_retry(shutdown).await {
+        let mut command_messages = Vec::with_capacity(messages.len());
                             return Ok(());
                         }
                     }
@@ -374,6 +386,18 @@ async fn pause_before_retry(shutdown: &CancellationToken) -> bool {
     if shutdown.is_cancelled() {
         return false;
     }
+                        // The ledger holds nothing of these: the offsets move only
+                        // once the dead-letter topic does.
+                        for (i, reason) in &report.unrecorded {
+                            while let Err(e) =
+                                dead_letter(&self.dlq_producer, &self.dlq, &command_messages[*i], reason).await
+                            {
+                                tracing::error!(error = %e, "dead-lettering failed; retrying");
+                                if !pause_before_retry(shutdown).await {
+                                    return Ok(());
+                                }
+                            }
+                        }
     tokio::time::sleep(Duration::from_secs(1)).await;
     true
 }
@@ -400,6 +424,13 @@ fn trace_commands(commands: &mut [IncomingCommand], batch: &tracing::Span) -> Ve
             cardflow_telemetry::continue_trace(&span, c.traceparent.as_deref());
             cardflow_telemetry::link(&span, batch);
             if let Some(tp) = cardflow_telemetry::traceparent_of(&span) {
+                    // The message is on the dead-letter topic already, which is
+                    // where an operator finds it; retrying an answer the database
+                    // refuses for good would stop this worker's partitions.
+                    Err(e) if !e.is_transient() => {
+                        tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "a dead-lettered command cannot be answered; it stays pending");
+                        break;
+                    }
                 c.traceparent = Some(tp);
             }
             span
