@@ -1,18 +1,20 @@
 //! The worker's loop: poll a batch of commands, apply it in one transaction, then
 //! commit the offsets. Commands it cannot apply go to the dead-letter topic with the
 //! reason in a header, and the loop moves on; one that still names its request is
-//! answered `017_002` as well, so that its caller is not left pending for good. Which commands form the next batch,
-//! and when a second batch may run beside the first, is [`crate::schedule`].
+//! answered `017_002` as well, so that its caller is not left pending for good. Which
+//! commands form the next batch, and when a second batch may run beside the first, is
+//! [`crate::schedule`]; what a rebalance takes away from it, [`crate::ownership`].
 
+use crate::ownership::{Generation, Ownership};
 use crate::schedule::{self, Waiting};
 use crate::WorkerError;
 use cardflow_bus::headers as h;
-use cardflow_bus::rdkafka::consumer::{CommitMode, Consumer, DefaultConsumerContext, StreamConsumer};
+use cardflow_bus::rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use cardflow_bus::rdkafka::error::KafkaResult;
 use cardflow_bus::rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
 use cardflow_bus::rdkafka::util::Timeout;
-use cardflow_bus::rdkafka::{Offset, TopicPartitionList};
+use cardflow_bus::rdkafka::{ClientContext, Offset, TopicPartitionList};
 use cardflow_bus::BusConfig;
 use cardflow_domain::command::SCHEMA_VERSION;
 use cardflow_domain::TransferCommand;
@@ -60,8 +62,6 @@ fn decode(msg: OwnedMessage) -> Polled {
         Ok(cmd) => cmd,
         Err(e) => return Polled::Poison { message: msg, reason: format!("undecodable command: {e}"), answer: None },
     };
-    let refusal = if command.request.amount.is_some_and(|a| !a.is_request_amount()) {
-        Some("amount is not a whole number in 0..999999999999".to_string())
     // Stored with the transfer and compared on every repeat, so it must be the
     // request's own: a gateway always sends that, and anything else (a made-up
     // value, a string Postgres cannot store) could never be recorded or answered.
@@ -69,6 +69,8 @@ fn decode(msg: OwnedMessage) -> Polled {
         let reason = "fingerprint does not match the request".to_string();
         return Polled::Poison { message: msg, reason, answer: None };
     }
+    let refusal = if command.request.amount.is_some_and(|a| !a.is_request_amount()) {
+        Some("amount is not a whole number in 0..999999999999".to_string())
     } else if command.schema_version != SCHEMA_VERSION {
         Some(format!("unsupported schema version {}", command.schema_version))
     } else {
@@ -125,21 +127,59 @@ async fn dead_letter(
     Ok(())
 }
 
+/// The longest a revoke waits for the batches applying its partitions. Past it
+/// (the database away) those batches commit nothing for them; a rebalance that
+/// waits longer would keep the group from working for everyone.
+const REVOKE_WAIT: Duration = Duration::from_secs(10);
+
+/// The commands consumer's callbacks: see [`crate::ownership`].
+pub struct WorkerContext {
+    ownership: Arc<Ownership>,
+}
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let partitions: Vec<i32> = revoked.elements().iter().map(|e| e.partition()).collect();
+        let revoke = || self.ownership.revoke(&partitions, REVOKE_WAIT);
+        // The callback runs inside `recv`, on a runtime thread: hand that thread's
+        // other tasks (the batches being waited for among them) to another first.
+        let released = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(revoke),
+            _ => revoke(),
+        };
+        if released {
+            tracing::info!(?partitions, "partitions revoked");
+        } else {
+            tracing::warn!(?partitions, wait = ?REVOKE_WAIT, "partitions revoked while a batch still applies them; its offsets for them will not be committed");
+        }
+    }
+}
+
+type CommandConsumer = StreamConsumer<WorkerContext>;
+
 /// Receives messages on a task of its own, so that the next batch gathers while
 /// the current one is in the database: under load a batch is whatever arrived
 /// during the last transaction (up to `max_batch`), without waiting for a linger.
 /// `make bench` measured the serial poll-then-apply loop at half the drain rate.
 fn spawn_receiver(
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<CommandConsumer>,
+    ownership: Arc<Ownership>,
     capacity: usize,
     shutdown: CancellationToken,
-) -> mpsc::Receiver<KafkaResult<OwnedMessage>> {
+) -> mpsc::Receiver<KafkaResult<(Generation, OwnedMessage)>> {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     tokio::spawn(async move {
         loop {
             let polled = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                m = consumer.recv() => m.map(|m| m.detach()),
+                // Tagged after `recv` returns: a revoke it ran makes only earlier
+                // messages stale.
+                m = consumer.recv() => m.map(|m| (ownership.generation(), m.detach())),
             };
             if tx.send(polled).await.is_err() {
                 return;
@@ -164,7 +204,9 @@ pub async fn run_worker(
             pool.options().get_max_connections()
         )));
     }
-    let consumer: Arc<StreamConsumer> = Arc::new(bus.group_consumer(&config.group_id, DefaultConsumerContext)?);
+    let ownership = Arc::new(Ownership::default());
+    let consumer: Arc<CommandConsumer> =
+        Arc::new(bus.group_consumer(&config.group_id, WorkerContext { ownership: ownership.clone() })?);
     consumer.subscribe(&[&bus.topics.commands])?;
     let applier = Arc::new(Applier {
         dlq_producer: bus.producer(0)?,
@@ -174,6 +216,7 @@ pub async fn run_worker(
             transfer_events: bus.topics.transfer_events.clone(),
         },
         consumer: consumer.clone(),
+        ownership: ownership.clone(),
         pool,
         config: config.clone(),
     });
@@ -182,8 +225,8 @@ pub async fn run_worker(
 
     let metrics = Metrics::global();
     let max_batch = config.max_batch.max(1);
-    let mut received = spawn_receiver(consumer, max_batch, shutdown.clone());
-    let mut waiting: Waiting<OwnedMessage> = Waiting::default();
+    let mut received = spawn_receiver(consumer, ownership.clone(), max_batch, shutdown.clone());
+    let mut waiting: Waiting<(Generation, OwnedMessage)> = Waiting::default();
     let mut busy: BTreeSet<i32> = BTreeSet::new();
     let mut in_flight: JoinSet<(Vec<i32>, Result<(), WorkerError>)> = JoinSet::new();
     let mut linger_until: Option<tokio::time::Instant> = None;
@@ -200,15 +243,24 @@ pub async fn run_worker(
             let lingered = linger_until.is_some_and(|t| tokio::time::Instant::now() >= t);
             if schedule::starts_now(in_flight.len(), max_in_flight, free, max_batch, lingered) {
                 let (partitions, messages) = waiting.take(&busy, max_batch);
-                busy.extend(&partitions);
                 linger_until = None;
+                let (generation, messages) = ownership.start_batch(&partitions, messages, |m| m.partition());
+                if messages.is_empty() {
+                    ownership.finished(&partitions);
+                    continue;
+                }
+                busy.extend(&partitions);
                 if !in_flight.is_empty() {
                     metrics.batches_beside_another.inc();
                 }
                 metrics.batches_in_flight.set(in_flight.len() as i64 + 1);
                 let applier = applier.clone();
                 let shutdown = shutdown.clone();
-                in_flight.spawn(async move { (partitions, applier.apply(messages, &shutdown).await) });
+                in_flight.spawn(async move {
+                    let applied = applier.apply(messages, generation, &shutdown).await;
+                    applier.ownership.finished(&partitions);
+                    (partitions, applied)
+                });
                 continue;
             }
         } else if in_flight.is_empty() {
@@ -236,7 +288,7 @@ pub async fn run_worker(
             }
             polled = received.recv(), if receiving && !stopping && receives_now => {
                 match polled {
-                    Some(Ok(m)) => waiting.push(m.partition(), m),
+                    Some(Ok((generation, m))) => waiting.push(m.partition(), (generation, m)),
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer error");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -255,7 +307,8 @@ pub async fn run_worker(
 
 /// What every batch of a worker shares.
 struct Applier {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<CommandConsumer>,
+    ownership: Arc<Ownership>,
     pool: PgPool,
     config: WorkerConfig,
     topics: OutboxTopics,
@@ -266,11 +319,17 @@ struct Applier {
 impl Applier {
     /// Decodes, applies and commits one batch. Retries while the database is
     /// unreachable, until shutdown.
-    async fn apply(&self, messages: Vec<OwnedMessage>, shutdown: &CancellationToken) -> Result<(), WorkerError> {
+    async fn apply(
+        &self,
+        messages: Vec<OwnedMessage>,
+        generation: Generation,
+        shutdown: &CancellationToken,
+    ) -> Result<(), WorkerError> {
         let (config, pool, topics) = (&self.config, &self.pool, &self.topics);
         let metrics = Metrics::global();
         let mut offsets: BTreeMap<(String, i32), i64> = BTreeMap::new();
         let mut commands = Vec::with_capacity(messages.len());
+        let mut command_messages = Vec::with_capacity(messages.len());
         let mut refused = Vec::new();
         for m in messages {
             let slot = offsets.entry((m.topic().to_string(), m.partition())).or_insert(m.offset());
@@ -326,6 +385,18 @@ impl Applier {
                                 "decided"
                             );
                         }
+                        // The ledger holds nothing of these: the offsets move only
+                        // once the dead-letter topic does.
+                        for (i, reason) in &report.unrecorded {
+                            while let Err(e) =
+                                dead_letter(&self.dlq_producer, &self.dlq, &command_messages[*i], reason).await
+                            {
+                                tracing::error!(error = %e, "dead-lettering failed; retrying");
+                                if !pause_before_retry(shutdown).await {
+                                    return Ok(());
+                                }
+                            }
+                        }
                         break;
                     }
                     Err(e) => {
@@ -335,7 +406,6 @@ impl Applier {
                         metrics.batch_failures.inc();
                         tracing::error!(error = %e, "database unavailable; retrying the batch");
                         if !pause_before_retry(shutdown).await {
-        let mut command_messages = Vec::with_capacity(messages.len());
                             return Ok(());
                         }
                     }
@@ -354,6 +424,13 @@ impl Applier {
                         metrics.commands_applied.with_label_values(&[&r.result.code, &r.repeat.to_string()]).inc();
                         break;
                     }
+                    // The message is on the dead-letter topic already, which is
+                    // where an operator finds it; retrying an answer the database
+                    // refuses for good would stop this worker's partitions.
+                    Err(e) if !e.is_transient() => {
+                        tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "a dead-lettered command cannot be answered; it stays pending");
+                        break;
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "answering a dead-lettered command failed; retrying");
                         if !pause_before_retry(shutdown).await {
@@ -364,9 +441,17 @@ impl Applier {
             }
         }
 
+        // Not the partitions revoked since, unless their revoke still waits for
+        // this batch: the new owner's commits must not be overtaken by older ones.
+        let committable = self.ownership.committable(generation, offsets.keys().map(|(_, p)| *p));
         let mut tpl = TopicPartitionList::new();
         for ((topic, partition), offset) in &offsets {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+            if committable.contains(partition) {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
         }
         // Async is enough: a commit lost here only means a redelivery, which the
         // ledger answers from the stored result. A batch commits only its own
@@ -386,18 +471,6 @@ async fn pause_before_retry(shutdown: &CancellationToken) -> bool {
     if shutdown.is_cancelled() {
         return false;
     }
-                        // The ledger holds nothing of these: the offsets move only
-                        // once the dead-letter topic does.
-                        for (i, reason) in &report.unrecorded {
-                            while let Err(e) =
-                                dead_letter(&self.dlq_producer, &self.dlq, &command_messages[*i], reason).await
-                            {
-                                tracing::error!(error = %e, "dead-lettering failed; retrying");
-                                if !pause_before_retry(shutdown).await {
-                                    return Ok(());
-                                }
-                            }
-                        }
     tokio::time::sleep(Duration::from_secs(1)).await;
     true
 }
@@ -424,13 +497,6 @@ fn trace_commands(commands: &mut [IncomingCommand], batch: &tracing::Span) -> Ve
             cardflow_telemetry::continue_trace(&span, c.traceparent.as_deref());
             cardflow_telemetry::link(&span, batch);
             if let Some(tp) = cardflow_telemetry::traceparent_of(&span) {
-                    // The message is on the dead-letter topic already, which is
-                    // where an operator finds it; retrying an answer the database
-                    // refuses for good would stop this worker's partitions.
-                    Err(e) if !e.is_transient() => {
-                        tracing::error!(error = %e, correlation_id = %incoming.command.correlation_id, "a dead-lettered command cannot be answered; it stays pending");
-                        break;
-                    }
                 c.traceparent = Some(tp);
             }
             span
@@ -447,7 +513,7 @@ fn lag_of(committed: Offset, low: i64, high: i64) -> i64 {
     }
 }
 
-async fn report_lag(consumer: Arc<StreamConsumer>, shutdown: CancellationToken) {
+async fn report_lag(consumer: Arc<CommandConsumer>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -8,6 +8,7 @@
 //! the rules live in `cardflow-domain`, the SQL in `cardflow-ledger`.
 
 pub mod consumer;
+pub mod ownership;
 pub mod relay;
 pub mod schedule;
 
