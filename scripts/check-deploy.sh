@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Checks what deploy/ ships, without building or starting anything:
+# Checks what deploy/ ships, and the API's OpenAPI document, without building or
+# starting anything:
 #
 #   1. alert rules: `promtool check rules` and their unit tests (`promtool test rules`)
 #   2. the Prometheus config: `promtool check config`
@@ -10,6 +11,9 @@
 #   6. the Kubernetes manifests: structure, probes, resources, scrape annotations,
 #      `kubectl kustomize` and `kubernetes-validate --strict` where installed
 #   7. the compose file: `docker compose config -q` where docker compose works
+#   8. docs/openapi.json: `openapi-spec-validator` (PyPI), installed with pip into a
+#      cached venv when missing; skipped when python3, its venv or the network is not
+#      there. That the file is what the code builds is a unit test's job (openapi.rs).
 #
 # promtool is installed when missing: the Debian package `prometheus` is fetched
 # with apt-get and only its promtool is unpacked into a cache directory, so no
@@ -26,6 +30,8 @@ ALERT_TESTS=deploy/prometheus/alerts_test.yml
 PROM_CONFIG=deploy/prometheus/prometheus.yml
 COMPOSE=deploy/docker-compose.yml
 K8S=deploy/k8s
+OPENAPI=docs/openapi.json
+OPENAPI_VALIDATOR="openapi-spec-validator==0.9.0"
 
 passed=0
 failed=0
@@ -277,6 +283,27 @@ check_compose() {
   docker compose -f "$COMPOSE" config -q
 }
 
+# ------------------------------------------------------------------- OpenAPI
+check_openapi() {
+  [ -n "$PY" ] || { skip "OpenAPI document: python3 is not available"; return; }
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/cardflow/openapi-venv"
+  local validator="$venv/bin/openapi-spec-validator"
+  if [ ! -x "$validator" ]; then
+    echo "installing $OPENAPI_VALIDATOR into $venv"
+    rm -rf "$venv"
+    if ! "$PY" -m venv "$venv" >"$WORK/venv.out" 2>&1; then
+      rm -rf "$venv"
+      skip "OpenAPI document: '$PY -m venv' failed (Debian: python3-venv): $(tail -n1 "$WORK/venv.out")"; return
+    fi
+    if ! "$venv/bin/pip" install -q --disable-pip-version-check "$OPENAPI_VALIDATOR" >"$WORK/pip.out" 2>&1; then
+      # A half-installed venv would be taken for a working one next time.
+      rm -rf "$venv"
+      skip "OpenAPI document: pip could not install $OPENAPI_VALIDATOR: $(tail -n1 "$WORK/pip.out")"; return
+    fi
+  fi
+  "$validator" "$OPENAPI"
+}
+
 # ----------------------------------------------------------------------- run
 if find_promtool; then
   echo "promtool: $PROMTOOL ($("$PROMTOOL" --version 2>&1 | head -n1))"
@@ -290,6 +317,7 @@ run "metric names in alerts and dashboard" check_metric_names
 run "YAML syntax" check_yaml
 run "kubernetes manifests" check_k8s
 run "docker compose" check_compose
+run "OpenAPI document" check_openapi
 
 echo
 if [ "$failed" -gt 0 ]; then

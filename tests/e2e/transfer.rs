@@ -3,8 +3,10 @@
 
 use crate::helpers::*;
 use cardflow_domain::command::SCHEMA_VERSION;
-use cardflow_domain::{AspId, CardNo, CorrelationId, Money, ReplyAddress, TransferCommand, TransferRequest, UserId};
-use serde_json::Value;
+use cardflow_domain::{
+    AspId, CardNo, CorrelationId, Money, ReplyAddress, ResultCode, TransferCommand, TransferRequest, UserId,
+};
+use serde_json::{json, Value};
 use std::time::Duration;
 
 #[tokio::test]
@@ -367,4 +369,22 @@ async fn the_outbox_purge_can_read_an_index_instead_of_the_whole_outbox() {
         .unwrap();
     sqlx::query("RESET enable_seqscan").execute(&mut *conn).await.unwrap();
     assert!(plan.iter().any(|line| line.contains("outbox_published")), "{plan:#?}");
+}
+
+#[tokio::test]
+async fn the_openapi_document_is_served_without_credentials_with_the_whole_result_code_table() {
+    let sys = shared();
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/api/v1/openapi.json", sys.http_port))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let document: Value = r.json().await.unwrap();
+    let table: Vec<Value> = ResultCode::ALL
+        .iter()
+        .map(|c| json!({"code": c.code(), "httpStatus": c.http_status(), "message": c.message()}))
+        .collect();
+    assert_eq!(document["x-result-codes"], Value::Array(table));
 }

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod crypto;
 pub mod error;
+pub mod openapi;
 pub mod replies;
 pub mod submissions;
 
@@ -101,6 +102,7 @@ pub fn router(app: Arc<App>) -> Router {
     Router::new()
         .route(TRANSFER_PATH, post(post_transfer))
         .route(&format!("{TRANSFER_PATH}/{{correlation_id}}"), get(get_transfer))
+        .route(openapi::PATH, get(openapi::serve))
         .with_state(app)
         .merge(cardflow_telemetry::router(move || {
             let app = ready_app.clone();
