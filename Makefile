@@ -56,6 +56,7 @@ deploy-check:
 test: lint unit deploy-check e2e
 
 # A fresh broker per run and per phase (scripts/stack.sh bench-broker): see README, Performance.
+# A --broker-per-phase in BENCH_ARGS comes last, so it replaces this one.
 bench: stack
 	$(CARGO) build --release -p cardflow
 	@. .stack/env && brokers=$$(scripts/stack.sh bench-broker) && \

@@ -163,6 +163,7 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
         "drain_tps",
         "async_tps",
         "sync_p99_ms",
+        "sync_max_p99_ms",
         "drain_vs_pgbench_ratio",
         "async_vs_pgbench_ratio",
         "ledger_tps",
@@ -173,7 +174,10 @@ async fn a_tiny_bench_run_reports_every_figure_and_passes_its_audit() {
     }
     let half_runs = figures["sync_half_runs_p99_ms"].as_array().expect("the p99 of each half-rate run");
     assert_eq!(half_runs.len(), 2, "--quick runs the half rate twice");
-    assert!(figures["sync_half_p99_ms"].as_f64().is_some_and(|v| v > 0.0));
+    assert_eq!(figures["sync_p99_ms"], figures["sync_half_p99_ms"], "issue 7's p99 is at half the maximum");
+    for phase in ["sync_max", "sync_half", "async_submit", "hot"] {
+        assert_eq!(figures[format!("{phase}_failures")], 0, "{phase}");
+    }
     assert_eq!(figures["audit_passed"], true);
     assert_eq!(figures["conserved"], true);
 }

@@ -5,19 +5,21 @@
 use anyhow::anyhow;
 use std::path::Path;
 
-/// One step of a sweep: what was offered, what was achieved, and the latencies.
+/// One step of a sweep: what was offered, what the ledger decided, the latencies of
+/// those answers (`None` when there were none) and the requests that failed.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SweepPoint {
     pub offered_tps: f64,
     pub achieved_tps: f64,
-    pub p50_ms: f64,
-    pub p90_ms: f64,
-    pub p99_ms: f64,
-    pub p999_ms: f64,
+    pub p50_ms: Option<f64>,
+    pub p90_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub p999_ms: Option<f64>,
+    pub failures: u64,
 }
 
 /// Reads one percentile of a sweep step.
-type Percentile = fn(&SweepPoint) -> f64;
+type Percentile = fn(&SweepPoint) -> Option<f64>;
 
 fn register_font() -> anyhow::Result<()> {
     use plotters::style::{register_font, FontStyle};
@@ -33,7 +35,7 @@ pub fn draw(path: &Path, title: &str, points: &[SweepPoint]) -> anyhow::Result<(
         std::fs::create_dir_all(dir)?;
     }
     let max_x = points.iter().map(|p| p.offered_tps).fold(1.0, f64::max) * 1.05;
-    let max_y = points.iter().map(|p| p.p999_ms).fold(1.0, f64::max) * 1.1;
+    let max_y = points.iter().filter_map(|p| p.p999_ms).fold(1.0, f64::max) * 1.1;
     let root = BitMapBackend::new(path, (1100, 650)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let mut chart = ChartBuilder::on(&root)
@@ -56,14 +58,14 @@ pub fn draw(path: &Path, title: &str, points: &[SweepPoint]) -> anyhow::Result<(
         ("p99.9", MAGENTA, |p| p.p999_ms),
     ];
     for (label, color, value) in series {
+        // A step where no request was answered has no latency to draw.
+        let measured: Vec<(f64, f64)> = points.iter().filter_map(|p| Some((p.offered_tps, value(p)?))).collect();
         chart
-            .draw_series(LineSeries::new(points.iter().map(|p| (p.offered_tps, value(p))), color.stroke_width(2)))
+            .draw_series(LineSeries::new(measured.iter().copied(), color.stroke_width(2)))
             .map_err(|e| anyhow!("{e}"))?
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart
-            .draw_series(points.iter().map(|p| Circle::new((p.offered_tps, value(p)), 3, color.filled())))
-            .map_err(|e| anyhow!("{e}"))?;
+        chart.draw_series(measured.iter().map(|&xy| Circle::new(xy, 3, color.filled()))).map_err(|e| anyhow!("{e}"))?;
     }
     chart
         .configure_series_labels()
@@ -86,12 +88,46 @@ mod tests {
         let points: Vec<SweepPoint> = (1..=5)
             .map(|i| {
                 let x = i as f64 * 100.0;
-                SweepPoint { offered_tps: x, achieved_tps: x, p50_ms: 2.0, p90_ms: 4.0, p99_ms: 8.0, p999_ms: 16.0 }
+                SweepPoint {
+                    offered_tps: x,
+                    achieved_tps: x,
+                    p50_ms: Some(2.0),
+                    p90_ms: Some(4.0),
+                    p99_ms: Some(8.0),
+                    p999_ms: Some(16.0),
+                    failures: 0,
+                }
             })
             .collect();
         draw(&path, "test", &points).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_sweep_with_a_step_where_every_request_failed_still_draws() {
+        let path = std::env::temp_dir().join(format!("cardflow-chart-failed-{}.png", std::process::id()));
+        let answered = SweepPoint {
+            offered_tps: 100.0,
+            achieved_tps: 100.0,
+            p50_ms: Some(2.0),
+            p90_ms: Some(4.0),
+            p99_ms: Some(8.0),
+            p999_ms: Some(16.0),
+            failures: 0,
+        };
+        let failed = SweepPoint {
+            offered_tps: 200.0,
+            achieved_tps: 0.0,
+            p50_ms: None,
+            p90_ms: None,
+            p99_ms: None,
+            p999_ms: None,
+            failures: 400,
+        };
+        draw(&path, "test", &[answered, failed]).unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
         let _ = std::fs::remove_file(path);
     }
 }
