@@ -113,6 +113,50 @@ async fn a_retry_is_not_refused_on_another_bodys_submission_before_the_ledger_de
     assert_eq!(balance(&pool, m.card(1)).await, dec(100), "A moved, B did not");
 }
 
+/// The `Location` of a `202` answers for the id, and while another body is
+/// pending under it, that answer may be the other body's. So a request in that
+/// position waits for its own answer even when it asked for `respond-async`.
+#[tokio::test]
+async fn an_async_request_under_an_id_another_body_is_pending_on_gets_its_own_answer() {
+    let sys = System::start(Roles { workers: 0, reply_deadline_ms: 30_000, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let a = sign_post(&m.body(0, 1, Some(100)), Some(cid.clone()), false);
+    assert_eq!(sys.send(&a, &[("Prefer", "respond-async")]).await.status, 202);
+
+    let b = sign_post(&m.body(0, 1, Some(200)), Some(cid.clone()), false);
+    let (b_reply, ()) = tokio::join!(sys.send(&b, &[("Prefer", "respond-async")]), async {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        sys.spawn("worker", &[]);
+    });
+
+    assert_eq!((b_reply.status, b_reply.code()), (409, "000_008"), "{:?}", b_reply.json);
+    let status = sys.status(&cid).await;
+    assert_eq!((status.status, status.code(), status.amount()), (200, "000_000", Some(dec(100))), "{:?}", status.json);
+    assert_eq!(balance(&pool, m.card(1)).await, dec(100), "A moved, B did not");
+}
+
+/// Past the deadline such a request cannot be given a `Location` either: it is
+/// told to try again (`503`), and sending it again under the same id is answered
+/// exactly once the ledger decided.
+#[tokio::test]
+async fn a_request_under_an_id_another_body_is_pending_on_answers_503_past_the_deadline_not_202() {
+    let sys = System::start(Roles { workers: 0, reply_deadline_ms: 1_000, ..Roles::default() });
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let cid = fresh_correlation_id();
+    let a = sign_post(&m.body(0, 1, Some(100)), Some(cid.clone()), false);
+    assert_eq!(sys.send(&a, &[("Prefer", "respond-async")]).await.status, 202);
+
+    let b = sign_post(&m.body(0, 1, Some(200)), Some(cid.clone()), false);
+    let b_reply = sys.send(&b, &[]).await;
+
+    assert_eq!((b_reply.status, b_reply.code()), (503, "000_010"), "{:?}", b_reply.json);
+    assert_eq!(b_reply.header("Location"), None);
+    assert_eq!(balance(&pool, m.card(1)).await, dec(0));
+}
+
 #[tokio::test]
 async fn a_repeated_rejection_stays_a_rejection_after_the_balance_changed() {
     let sys = shared();

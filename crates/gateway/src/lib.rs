@@ -324,7 +324,10 @@ async fn transfer(
     let key =
         RequestKey { asp_id: asp.to_string(), correlation_id: corr.to_string(), fingerprint: fingerprint.clone() };
     let known = app.submissions.lookup(key.clone()).instrument(tracing::info_span!("lookup request")).await;
-    match known.map_err(fail)? {
+    // With another body pending under the id, only this request's own reply tells
+    // it which body won: it waits for that even when it asked for `respond-async`,
+    // and is never sent to the `Location`, which answers for the id.
+    let another_body_pending = match known.map_err(fail)? {
         Submission::Conflict => return Err(fail(ApiError::new(ResultCode::CorrelationIdReused))),
         Submission::Decided(stored) => {
             return Ok((
@@ -332,8 +335,9 @@ async fn transfer(
                 caller,
             ))
         }
-        Submission::New | Submission::InFlight => {}
-    }
+        Submission::InFlightWithAnotherBody => true,
+        Submission::New | Submission::InFlight => false,
+    };
 
     let publish_span = tracing::info_span!("transfer.commands publish", otel.kind = "producer");
     // Exported traces continue from the produce span; otherwise the context the
@@ -347,7 +351,7 @@ async fn transfer(
         request,
         fingerprint,
         reply_to: ReplyAddress { topic: app.bus.topics.results.clone(), partition: app.config.reply_partition },
-        awaits_reply: !wants_async(headers),
+        awaits_reply: another_body_pending || !wants_async(headers),
         submitted_at: chrono::Utc::now(),
     };
     // Registered before publishing, so a fast reply cannot be missed.
@@ -373,6 +377,12 @@ async fn transfer(
                 tracing::Span::current().record("transfer_id", tracing::field::display(id));
             }
             Ok((Answer::of_result(&result), caller))
+        }
+        _ if another_body_pending => {
+            Metrics::global().reply_fallbacks.inc();
+            // Sending it again under the same id is answered exactly once decided.
+            tracing::info!("deadline passed with another body pending under the id; answering 503");
+            Err(fail(ApiError::unavailable()))
         }
         _ => {
             Metrics::global().reply_fallbacks.inc();

@@ -186,10 +186,13 @@ fn transfer_operation() -> Value {
              The gateway waits for the result up to its reply deadline; past it, or at once with \
              `Prefer: respond-async`, it answers 202 `{pending}` with a `Location` to poll.\n\n\
              `({ASP_ID}, {CORRELATION_ID})` names a request forever: the same request again gets the first \
-             answer and moves no money; another body under a used id is `{reused}`. A client that does not \
-             know what became of a request sends it again under the same correlation id.",
+             answer and moves no money; another body under a used id is `{reused}`. While another body is \
+             still pending under the id, a request waits for its own answer, also with `respond-async`, and \
+             past the deadline answers `{unavailable}` instead of 202. A client that does not know what \
+             became of a request sends it again under the same correlation id.",
             pending = ResultCode::Pending.code(),
             reused = ResultCode::CorrelationIdReused.code(),
+            unavailable = ResultCode::ServiceUnavailable.code(),
         ),
         "parameters": parameters,
         "requestBody": {
