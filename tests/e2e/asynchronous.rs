@@ -249,6 +249,26 @@ async fn a_command_of_an_unknown_schema_version_is_dead_lettered_answered_017_00
     assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
 }
 
+/// A later release may also fingerprint its requests another way. The version is
+/// judged first, so its caller hears the documented `017_002` rather than nothing.
+#[tokio::test]
+async fn a_command_of_an_unknown_schema_version_is_answered_017_002_whatever_its_fingerprint() {
+    let sys = shared();
+    let pool = sys.pool().await;
+    let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
+    let command = crate::transfer::command(&m, 0, 1, Some(100), 3, sys);
+    let cid = command.correlation_id.to_string();
+    let mut later = serde_json::to_value(&command).unwrap();
+    later["schemaVersion"] = serde_json::json!(2);
+    later["fingerprint"] = serde_json::json!("v2:fingerprinted-another-way");
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), later.to_string().as_bytes(), None).await;
+
+    assert_eq!(dead_letter_reason(sys, m.card(0)).await, "unsupported schema version 2");
+    let results = crate::transfer::results_for(sys, 3, std::slice::from_ref(&cid), 1).await;
+    assert_eq!(results[0]["code"], "017_002", "the waiting caller hears it failed");
+    assert_eq!(balance(&pool, m.card(0)).await, dec(1_000));
+}
+
 #[tokio::test]
 async fn an_encrypted_status_query_answers_the_result_encrypted() {
     let sys = shared();

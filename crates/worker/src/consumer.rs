@@ -62,17 +62,20 @@ fn decode(msg: OwnedMessage) -> Polled {
         Ok(cmd) => cmd,
         Err(e) => return Polled::Poison { message: msg, reason: format!("undecodable command: {e}"), answer: None },
     };
-    // Stored with the transfer and compared on every repeat, so it must be the
-    // request's own: a gateway always sends that, and anything else (a made-up
-    // value, a string Postgres cannot store) could never be recorded or answered.
-    if command.fingerprint != command.request.fingerprint() {
+    // The version first: a later release may fingerprint its requests another way,
+    // and its caller is still owed the answer documented for a version this worker
+    // does not read (`017_002`). Stored with the fingerprint sent; one Postgres
+    // cannot store is given up on when it is answered.
+    let refusal = if command.schema_version != SCHEMA_VERSION {
+        Some(format!("unsupported schema version {}", command.schema_version))
+    } else if command.fingerprint != command.request.fingerprint() {
+        // Stored with the transfer and compared on every repeat, so it must be the
+        // request's own: a gateway always sends that, and anything else (a made-up
+        // value, a string Postgres cannot store) could never be recorded or answered.
         let reason = "fingerprint does not match the request".to_string();
         return Polled::Poison { message: msg, reason, answer: None };
-    }
-    let refusal = if command.request.amount.is_some_and(|a| !a.is_request_amount()) {
+    } else if command.request.amount.is_some_and(|a| !a.is_request_amount()) {
         Some("amount is not a whole number in 0..999999999999".to_string())
-    } else if command.schema_version != SCHEMA_VERSION {
-        Some(format!("unsupported schema version {}", command.schema_version))
     } else {
         None
     };
