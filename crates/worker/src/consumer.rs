@@ -5,7 +5,7 @@
 //! commands form the next batch, and when a second batch may run beside the first, is
 //! [`crate::schedule`]; what a rebalance takes away from it, [`crate::ownership`].
 
-use crate::ownership::{Generation, Ownership};
+use crate::ownership::{Applying, Generation, Ownership};
 use crate::schedule::{self, Waiting};
 use crate::WorkerError;
 use cardflow_bus::headers as h;
@@ -219,7 +219,6 @@ pub async fn run_worker(
             transfer_events: bus.topics.transfer_events.clone(),
         },
         consumer: consumer.clone(),
-        ownership: ownership.clone(),
         pool,
         config: config.clone(),
     });
@@ -247,9 +246,8 @@ pub async fn run_worker(
             if schedule::starts_now(in_flight.len(), max_in_flight, free, max_batch, lingered) {
                 let (partitions, messages) = waiting.take(&busy, max_batch);
                 linger_until = None;
-                let (generation, messages) = ownership.start_batch(&partitions, messages, |m| m.partition());
+                let (applying, messages) = ownership.start_batch(&partitions, messages, |m| m.partition());
                 if messages.is_empty() {
-                    ownership.finished(&partitions);
                     continue;
                 }
                 busy.extend(&partitions);
@@ -260,8 +258,8 @@ pub async fn run_worker(
                 let applier = applier.clone();
                 let shutdown = shutdown.clone();
                 in_flight.spawn(async move {
-                    let applied = applier.apply(messages, generation, &shutdown).await;
-                    applier.ownership.finished(&partitions);
+                    let applied = applier.apply(messages, &applying, &shutdown).await;
+                    drop(applying);
                     (partitions, applied)
                 });
                 continue;
@@ -311,7 +309,6 @@ pub async fn run_worker(
 /// What every batch of a worker shares.
 struct Applier {
     consumer: Arc<CommandConsumer>,
-    ownership: Arc<Ownership>,
     pool: PgPool,
     config: WorkerConfig,
     topics: OutboxTopics,
@@ -325,7 +322,7 @@ impl Applier {
     async fn apply(
         &self,
         messages: Vec<OwnedMessage>,
-        generation: Generation,
+        applying: &Applying,
         shutdown: &CancellationToken,
     ) -> Result<(), WorkerError> {
         let (config, pool, topics) = (&self.config, &self.pool, &self.topics);
@@ -446,23 +443,25 @@ impl Applier {
 
         // Not the partitions revoked since, unless their revoke still waits for
         // this batch: the new owner's commits must not be overtaken by older ones.
-        let committable = self.ownership.committable(generation, offsets.keys().map(|(_, p)| *p));
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), offset) in &offsets {
-            if committable.contains(partition) {
-                tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+        applying.commit_owned(offsets.keys().map(|(_, p)| *p), |owned| -> Result<(), WorkerError> {
+            let mut tpl = TopicPartitionList::new();
+            for ((topic, partition), offset) in &offsets {
+                if owned.contains(partition) {
+                    tpl.add_partition_offset(topic, *partition, Offset::Offset(offset + 1))?;
+                }
             }
-        }
-        if tpl.count() == 0 {
-            return Ok(());
-        }
-        // Async is enough: a commit lost here only means a redelivery, which the
-        // ledger answers from the stored result. A batch commits only its own
-        // partitions, which no other batch in flight holds.
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
-            tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered");
-        }
-        Ok(())
+            if tpl.count() == 0 {
+                return Ok(());
+            }
+            // Async is enough: a commit lost here only means a redelivery, which the
+            // ledger answers from the stored result. A batch commits only its own
+            // partitions, which no other batch in flight holds. It also only queues
+            // the request, as it must under the revoke's lock.
+            if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+                tracing::warn!(error = %e, "offset commit failed; the batch may be redelivered");
+            }
+            Ok(())
+        })
     }
 }
 

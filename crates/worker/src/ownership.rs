@@ -13,18 +13,23 @@
 //! applied here (the new owner reads it again from the committed offset), and
 //! (b) waits, up to a bound, for the batches applying those partitions to commit
 //! their offsets, which they still may while the revoke waits. A batch that
-//! outlives the bound (the database away) commits nothing for those partitions.
+//! outlives the bound (the database away) is given up on: it commits nothing for
+//! those partitions, ever, and later revokes of them do not wait for it. Whether a
+//! batch may commit is decided under the lock the revoke takes, in one step with
+//! the commit itself, so a revoke cannot give up between the two.
 //!
 //! The revoke runs in librdkafka's rebalance callback, on the thread that polls
 //! the consumer; the batches finish on others.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The assignment era a command was received in, or a batch taken in: one more
 /// for every revoke.
 pub type Generation = u64;
+
+type BatchId = u64;
 
 #[derive(Default)]
 pub struct Ownership {
@@ -39,14 +44,26 @@ struct State {
     revoked_at: BTreeMap<i32, Generation>,
     /// Revoked partitions whose revoke still waits for their batches.
     draining: BTreeSet<i32>,
-    /// Partitions a batch is applying now.
-    applying: BTreeSet<i32>,
+    /// The batch applying each partition now. A revoke that gives up on a batch
+    /// takes its partitions out of here: that is what keeps it from committing
+    /// them, and a later revoke from waiting for it.
+    applying: BTreeMap<i32, BatchId>,
+    next_batch: BatchId,
 }
 
 impl State {
     fn revoked_after(&self, partition: i32, generation: Generation) -> bool {
         self.revoked_at.get(&partition).is_some_and(|g| *g > generation)
     }
+}
+
+/// A batch's hold on the partitions it applies, from [`Ownership::start_batch`].
+/// Dropping it releases them, also when the batch's task panics or is aborted:
+/// a revoke would otherwise wait its whole bound for a batch that is gone.
+pub struct Applying {
+    ownership: Arc<Ownership>,
+    id: BatchId,
+    generation: Generation,
 }
 
 impl Ownership {
@@ -62,40 +79,29 @@ impl Ownership {
     }
 
     /// A batch starts applying `partitions`: keeps the commands still fresh and
-    /// returns them with the generation the batch is taken in. In one step, so a
+    /// returns them with the batch's hold on the partitions. In one step, so a
     /// revoke either waits for the batch or made its commands stale before.
-    /// Call [`Ownership::finished`] once its offsets are committed (or given up).
     pub fn start_batch<T>(
-        &self,
+        self: &Arc<Self>,
         partitions: &[i32],
         commands: Vec<(Generation, T)>,
         partition_of: impl Fn(&T) -> i32,
-    ) -> (Generation, Vec<T>) {
+    ) -> (Applying, Vec<T>) {
         let mut state = self.lock();
-        state.applying.extend(partitions);
-        let fresh = commands.into_iter().filter(|(g, c)| !state.revoked_after(partition_of(c), *g)).map(|(_, c)| c);
-        (state.generation, fresh.collect())
-    }
-
-    pub fn finished(&self, partitions: &[i32]) {
-        let mut state = self.lock();
+        let id = state.next_batch;
+        state.next_batch += 1;
         for p in partitions {
-            state.applying.remove(p);
+            state.applying.insert(*p, id);
         }
-        drop(state);
-        self.released.notify_all();
-    }
-
-    /// Which of a batch's partitions, taken in `generation`, it may still commit:
-    /// those not revoked since, or whose revoke is still waiting for it.
-    pub fn committable(&self, generation: Generation, partitions: impl IntoIterator<Item = i32>) -> Vec<i32> {
-        let state = self.lock();
-        partitions.into_iter().filter(|p| !state.revoked_after(*p, generation) || state.draining.contains(p)).collect()
+        let fresh = commands.into_iter().filter(|(g, c)| !state.revoked_after(partition_of(c), *g)).map(|(_, c)| c);
+        let fresh = fresh.collect();
+        (Applying { ownership: self.clone(), id, generation: state.generation }, fresh)
     }
 
     /// Gives `partitions` up: what was received of them becomes stale at once, and
-    /// this returns when no batch applies them any more, or after `bound`.
-    /// Returns whether they were released in time.
+    /// this returns when no batch applies them any more, or after `bound`, giving
+    /// up on the batches still applying them. Returns whether they were released
+    /// in time.
     pub fn revoke(&self, partitions: &[i32], bound: Duration) -> bool {
         let mut state = self.lock();
         state.generation += 1;
@@ -106,19 +112,48 @@ impl Ownership {
         }
         let (mut state, waited) = self
             .released
-            .wait_timeout_while(state, bound, |s| partitions.iter().any(|p| s.applying.contains(p)))
+            .wait_timeout_while(state, bound, |s| partitions.iter().any(|p| s.applying.contains_key(p)))
             .unwrap_or_else(|e| e.into_inner());
         for p in partitions {
+            if waited.timed_out() {
+                state.applying.remove(p);
+            }
             state.draining.remove(p);
         }
         !waited.timed_out()
     }
 }
 
+impl Applying {
+    /// Runs `commit` with those of `partitions` this batch may still commit: the
+    /// ones it was not given up on, not revoked since it was taken or whose revoke
+    /// still waits for it. Under the revoke's lock, so `commit` must not block (an
+    /// asynchronous offset commit only queues the request).
+    pub fn commit_owned<R>(&self, partitions: impl IntoIterator<Item = i32>, commit: impl FnOnce(&[i32]) -> R) -> R {
+        let state = self.ownership.lock();
+        let owned: Vec<i32> = partitions
+            .into_iter()
+            .filter(|p| {
+                state.applying.get(p) == Some(&self.id)
+                    && (!state.revoked_after(*p, self.generation) || state.draining.contains(p))
+            })
+            .collect();
+        commit(&owned)
+    }
+}
+
+impl Drop for Applying {
+    fn drop(&mut self) {
+        let mut state = self.ownership.lock();
+        state.applying.retain(|_, batch| *batch != self.id);
+        drop(state);
+        self.ownership.released.notify_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::Instant;
 
     /// Commands as (partition, offset), received in a generation.
@@ -126,40 +161,39 @@ mod tests {
         commands.iter().map(|c| (g, *c)).collect()
     }
 
+    fn committable(batch: &Applying, partitions: impl IntoIterator<Item = i32>) -> Vec<i32> {
+        batch.commit_owned(partitions, |owned| owned.to_vec())
+    }
+
     #[test]
     fn a_command_received_before_its_partition_was_revoked_is_not_applied() {
-        let o = Ownership::default();
+        let o = Arc::new(Ownership::default());
         let before = o.generation();
         assert!(o.revoke(&[1], Duration::ZERO));
         let after = o.generation();
         let commands = [received(before, &[(0, 7), (1, 8)]), received(after, &[(1, 9)])].concat();
-        let (_, fresh) = o.start_batch(&[0, 1], commands, |c| c.0);
+        let (_batch, fresh) = o.start_batch(&[0, 1], commands, |c| c.0);
         assert_eq!(fresh, vec![(0, 7), (1, 9)], "another partition's commands and those received after stay");
     }
 
     #[test]
     fn a_command_stays_stale_when_its_partition_comes_back() {
-        let o = Ownership::default();
+        let o = Arc::new(Ownership::default());
         let before = o.generation();
         o.revoke(&[1], Duration::ZERO);
         o.revoke(&[0], Duration::ZERO);
-        let (_, fresh) = o.start_batch(&[1], received(before, &[(1, 8)]), |c| c.0);
+        let (_batch, fresh) = o.start_batch(&[1], received(before, &[(1, 8)]), |c| c.0);
         assert!(fresh.is_empty());
     }
 
     #[test]
     fn a_revoke_waits_for_the_batch_applying_the_partition_which_may_commit_meanwhile() {
         let o = Arc::new(Ownership::default());
-        let (taken, _) = o.start_batch(&[1, 2], received(0, &[(1, 1), (2, 1)]), |c| c.0);
-        let batch = {
-            let o = o.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(200));
-                let committed = o.committable(taken, [1, 2]);
-                o.finished(&[1, 2]);
-                committed
-            })
-        };
+        let (batch, _) = o.start_batch(&[1, 2], received(0, &[(1, 1), (2, 1)]), |c| c.0);
+        let batch = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            committable(&batch, [1, 2])
+        });
         let started = Instant::now();
         assert!(o.revoke(&[1], Duration::from_secs(10)));
         assert!(started.elapsed() >= Duration::from_millis(200), "the revoke waited for the batch");
@@ -168,8 +202,8 @@ mod tests {
 
     #[test]
     fn a_revoke_does_not_wait_for_batches_of_other_partitions() {
-        let o = Ownership::default();
-        o.start_batch(&[2], received(0, &[(2, 1)]), |c| c.0);
+        let o = Arc::new(Ownership::default());
+        let (_batch, _) = o.start_batch(&[2], received(0, &[(2, 1)]), |c| c.0);
         let started = Instant::now();
         assert!(o.revoke(&[1], Duration::from_secs(10)));
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -177,20 +211,55 @@ mod tests {
 
     #[test]
     fn a_batch_that_outlives_the_bound_may_not_commit_the_revoked_partition() {
-        let o = Ownership::default();
-        let (taken, _) = o.start_batch(&[1, 2], received(0, &[(1, 1), (2, 1)]), |c| c.0);
+        let o = Arc::new(Ownership::default());
+        let (batch, _) = o.start_batch(&[1, 2], received(0, &[(1, 1), (2, 1)]), |c| c.0);
         assert!(!o.revoke(&[1], Duration::from_millis(50)), "the bound passed");
-        assert_eq!(o.committable(taken, [1, 2]), vec![2]);
+        assert_eq!(committable(&batch, [1, 2]), vec![2]);
     }
 
     #[test]
     fn a_late_batch_may_not_commit_a_partition_revoked_and_assigned_again() {
-        let o = Ownership::default();
-        let (taken, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
+        let o = Arc::new(Ownership::default());
+        let (late, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
         o.revoke(&[1], Duration::ZERO);
         // Assigned again: the new generation's batches commit it, the old one never.
-        let again = o.generation();
-        assert_eq!(o.committable(taken, [1]), Vec::<i32>::new());
-        assert_eq!(o.committable(again, [1]), vec![1]);
+        let (again, _) = o.start_batch(&[1], Vec::new(), |c: &(i32, i64)| c.0);
+        assert_eq!(committable(&late, [1]), Vec::<i32>::new());
+        assert_eq!(committable(&again, [1]), vec![1]);
+    }
+
+    #[test]
+    fn a_batch_that_panics_releases_its_partitions() {
+        let o = Arc::new(Ownership::default());
+        let (batch, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
+        let failed = std::thread::spawn(move || {
+            let _batch = batch;
+            panic!("the batch's task failed");
+        })
+        .join();
+        assert!(failed.is_err());
+        let started = Instant::now();
+        assert!(o.revoke(&[1], Duration::from_secs(10)), "released without waiting for the bound");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_batch_given_up_on_may_not_commit_while_a_later_revoke_drains() {
+        let o = Arc::new(Ownership::default());
+        let (late, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
+        assert!(!o.revoke(&[1], Duration::ZERO), "the first revoke gives up on the batch");
+        // Assigned again with partition 2, whose batch a second revoke of both waits for.
+        let (current, _) = o.start_batch(&[2], received(o.generation(), &[(2, 1)]), |c| c.0);
+        let revoke = {
+            let o = o.clone();
+            std::thread::spawn(move || o.revoke(&[1, 2], Duration::from_secs(10)))
+        };
+        while !o.lock().draining.contains(&1) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(committable(&late, [1]), Vec::<i32>::new(), "given up on, it never commits");
+        assert_eq!(committable(&current, [2]), vec![2], "the batch the revoke waits for still may");
+        drop(current);
+        assert!(revoke.join().unwrap(), "the later revoke waited only for the batch it could wait for");
     }
 }
