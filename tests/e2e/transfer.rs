@@ -388,3 +388,27 @@ async fn the_openapi_document_is_served_without_credentials_with_the_whole_resul
         .collect();
     assert_eq!(document["x-result-codes"], Value::Array(table));
 }
+
+#[tokio::test]
+async fn a_path_the_gateway_does_not_serve_is_answered_000_013_in_json() {
+    let sys = shared();
+    let req = sign_with(&credentials(), "POST", "/api/v1/transfer/balances", b"{}", None, false);
+
+    let reply = sys.send(&req, &[]).await;
+
+    assert_eq!((reply.status, reply.code(), reply.message()), (404, "000_013", "No such endpoint."));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(reply.header("x-km-correlation-id"), Some(req.correlation_id.as_str()));
+}
+
+#[tokio::test]
+async fn a_method_the_path_does_not_take_is_answered_000_014_in_json_with_allow() {
+    let sys = shared();
+    let req = sign_with(&credentials(), "PUT", "/api/v1/transfer/balance", b"{}", None, false);
+
+    let reply = sys.send(&req, &[]).await;
+
+    assert_eq!((reply.status, reply.code(), reply.message()), (405, "000_014", "Method not allowed."));
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    assert_eq!(reply.header("allow"), Some("POST"));
+}

@@ -427,7 +427,9 @@ fn counts(code: &str, asynchronous: bool) -> bool {
             | ServiceUnavailable
             | TooManyRequests
             | NotFound
-            | PayloadTooLarge,
+            | PayloadTooLarge
+            | NoSuchEndpoint
+            | MethodNotAllowed,
         )
         | None => false,
     }

@@ -35,10 +35,12 @@ pub enum ResultCode {
     TooManyRequests,
     NotFound,
     PayloadTooLarge,
+    NoSuchEndpoint,
+    MethodNotAllowed,
 }
 
 impl ResultCode {
-    pub const ALL: [ResultCode; 26] = [
+    pub const ALL: [ResultCode; 28] = [
         ResultCode::Success,
         ResultCode::MissingRequiredValue,
         ResultCode::CollectionBalanceZero,
@@ -65,6 +67,8 @@ impl ResultCode {
         ResultCode::TooManyRequests,
         ResultCode::NotFound,
         ResultCode::PayloadTooLarge,
+        ResultCode::NoSuchEndpoint,
+        ResultCode::MethodNotAllowed,
     ];
 
     /// The code as clients see it, e.g. `005_018`.
@@ -97,6 +101,8 @@ impl ResultCode {
             TooManyRequests => "000_011",
             NotFound => "000_012",
             PayloadTooLarge => "000_005",
+            NoSuchEndpoint => "000_013",
+            MethodNotAllowed => "000_014",
         }
     }
 
@@ -106,7 +112,8 @@ impl ResultCode {
             Success => 200,
             Pending => 202,
             AuthenticationFailed | RequestTimeOutOfWindow => 401,
-            NotFound => 404,
+            NotFound | NoSuchEndpoint => 404,
+            MethodNotAllowed => 405,
             CorrelationIdReused => 409,
             PayloadTooLarge => 413,
             TooManyRequests => 429,
@@ -146,6 +153,8 @@ impl ResultCode {
             TooManyRequests => "Too many requests.",
             NotFound => "No request with this correlation id.",
             PayloadTooLarge => "Malformed request body.",
+            NoSuchEndpoint => "No such endpoint.",
+            MethodNotAllowed => "Method not allowed.",
         }
     }
 

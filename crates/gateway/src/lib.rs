@@ -119,6 +119,26 @@ pub fn router(app: Arc<App>) -> Router {
                 Ok(())
             }
         }))
+        // After every route: the 405 fallback covers only the routes registered so far.
+        .fallback(no_such_endpoint)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+/// A path the gateway does not serve, or a method its path does not take, is
+/// answered from the table like every other error, not with an empty body (axum
+/// adds the `Allow` header to the 405).
+async fn no_such_endpoint(headers: HeaderMap) -> Response {
+    unrouted(ResultCode::NoSuchEndpoint, &headers)
+}
+
+async fn method_not_allowed(headers: HeaderMap) -> Response {
+    unrouted(ResultCode::MethodNotAllowed, &headers)
+}
+
+fn unrouted(code: ResultCode, headers: &HeaderMap) -> Response {
+    let answer = Answer::of_error(&ApiError::new(code));
+    record("unrouted", &answer, Instant::now());
+    answer.into_response(echo_correlation_id(headers).as_deref(), None)
 }
 
 /// Serves until `shutdown` resolves, then finishes the requests in flight.

@@ -50,6 +50,9 @@ enum Operation {
 
 impl Operation {
     fn answers(self, code: ResultCode) -> bool {
+        if is_routers(code) {
+            return false;
+        }
         match self {
             // 000_012 is the status query's own: "No request with this correlation id."
             Operation::Transfer => code != ResultCode::NotFound,
@@ -61,6 +64,12 @@ impl Operation {
             ),
         }
     }
+}
+
+/// The codes the router answers before any operation runs (a path or a method the
+/// gateway does not serve): described in the document's info, not per operation.
+fn is_routers(code: ResultCode) -> bool {
+    matches!(code, ResultCode::NoSuchEndpoint | ResultCode::MethodNotAllowed)
 }
 
 /// The answers that tell a client when to come back: a pending result
@@ -128,7 +137,8 @@ fn info_description() -> String {
     format!(
         "The card-balance transfer API. Every answer is one row of the result-code table \
          (`x-result-codes`): the body is `{{\"code\", \"message\"}}`, with `amount` on success, and the \
-         HTTP status comes from the table.\n\n\
+         HTTP status comes from the table. A path the gateway does not serve is `{no_such_endpoint}` \
+         (404), and a method its path does not take `{method_not_allowed}` (405, with `Allow`).\n\n\
          Requests are signed: `{TRAN_TOKEN}` is `v1` followed by the lowercase hex HMAC-SHA256, keyed with \
          the access key's signing secret, over `{canonical}`, the raw body being the bytes as sent (the \
          encrypted envelope, when encrypted). `{TRAN_TIME}`, read in `{TIME_ZONE}`, must lie within the \
@@ -138,6 +148,8 @@ fn info_description() -> String {
          `demo-signing-secret-change-me`.",
         canonical = token_formula(),
         window = ResultCode::RequestTimeOutOfWindow.code(),
+        no_such_endpoint = ResultCode::NoSuchEndpoint.code(),
+        method_not_allowed = ResultCode::MethodNotAllowed.code(),
     )
 }
 
@@ -573,7 +585,7 @@ mod tests {
     #[test]
     fn every_result_code_is_answered_under_its_status_by_some_operation() {
         let doc = document();
-        for code in ResultCode::ALL {
+        for code in ResultCode::ALL.into_iter().filter(|c| !is_routers(*c)) {
             let line = format!("- `{}` {}", code.code(), code.message());
             let found = [&doc["paths"][TRANSFER_PATH]["post"], &doc["paths"][status_path()]["get"]].iter().any(|op| {
                 op["responses"][code.http_status().to_string()]["description"]
@@ -595,9 +607,18 @@ mod tests {
             .map(ResultCode::http_status)
             .collect();
         assert_eq!(documented, statuses);
-        // Every status of the table but the status query's 404.
+        // Every status of the table but the status query's 404 and the router's 405.
         let all: BTreeSet<u16> = ResultCode::ALL.into_iter().map(ResultCode::http_status).collect();
-        assert_eq!(all.difference(&documented).copied().collect::<Vec<_>>(), [404]);
+        assert_eq!(all.difference(&documented).copied().collect::<Vec<_>>(), [404, 405]);
+    }
+
+    #[test]
+    fn the_routers_own_answers_are_described_in_the_info() {
+        let doc = document();
+        let info = doc["info"]["description"].as_str().unwrap();
+        for code in ResultCode::ALL.into_iter().filter(|c| is_routers(*c)) {
+            assert!(info.contains(&format!("`{}` ({}", code.code(), code.http_status())), "{}", code.code());
+        }
     }
 
     #[test]
