@@ -17,7 +17,7 @@ async fn past_the_deadline_the_answer_is_202_and_the_command_is_applied_later() 
     assert!(started.elapsed() < Duration::from_millis(2_500), "answered within the deadline");
     assert_eq!((reply.status, reply.code()), (202, "000_009"));
     assert_eq!(reply.json["status"], "PENDING");
-    assert_eq!(reply.header("location"), Some(format!("/api/v1/transfer/balance/{cid}").as_str()));
+    assert_eq!(reply.header("location"), Some(location_of(&cid, &m.body(0, 1, Some(300))).as_str()));
     assert_eq!(sys.status(&cid).await.status, 202);
     let waiting = metric(&sys.metrics("gateway").await, "cardflow_reply_waiting_requests ");
     assert_eq!(waiting, Some(0.0), "a request that answered 202 no longer waits");
@@ -86,6 +86,18 @@ async fn a_status_query_for_an_unknown_request_is_404() {
 async fn a_status_query_whose_path_is_not_text_is_an_invalid_correlation_id() {
     let reply = shared().status("%FF%FE").await;
     assert_eq!((reply.status, reply.code(), reply.message()), (400, "000_004", "Invalid value. correlationId"));
+}
+
+#[tokio::test]
+async fn a_status_query_whose_request_token_is_malformed_is_an_invalid_request() {
+    for query in ["request=ABC", "request=0&request=1", &format!("request={}", "0".repeat(33))] {
+        let reply = shared().get(&format!("/api/v1/transfer/balance/261124153000-0000001?{query}")).await;
+        assert_eq!(
+            (reply.status, reply.code(), reply.message()),
+            (400, "000_004", "Invalid value. request"),
+            "{query}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -434,10 +434,20 @@ impl System {
 
     /// GETs the status of a transfer.
     pub async fn status(&self, correlation_id: &str) -> Reply {
-        let req =
-            sign_with(&credentials(), "GET", &format!("/api/v1/transfer/balance/{correlation_id}"), b"", None, false);
-        self.send(&req, &[]).await
+        self.get(&format!("/api/v1/transfer/balance/{correlation_id}")).await
     }
+
+    /// A signed `GET` of `path`, which may carry a query (a `202`'s `Location`).
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(&sign_with(&credentials(), "GET", path, b"", None, false), &[]).await
+    }
+}
+
+/// The `Location` a `202` gives for `body` sent under `correlation_id`.
+pub fn location_of(correlation_id: &str, body: &Value) -> String {
+    let fingerprint = cardflow_domain::TransferRequest::from_json(body).unwrap().fingerprint();
+    let token = cardflow_domain::request::status_token(&fingerprint);
+    format!("/api/v1/transfer/balance/{correlation_id}?request={token}")
 }
 
 fn new_client() -> reqwest::Client {

@@ -138,10 +138,52 @@ impl TransferRequest {
     }
 }
 
+/// The length of a [`status_token`]: 32 lowercase hex digits.
+pub const STATUS_TOKEN_LEN: usize = 32;
+
+/// The token a `202`'s `Location` carries (`?request=`) to name one body under its
+/// correlation id. A correlation id may be sent with two bodies at once, and the
+/// ledger decides whichever comes first, so the id alone cannot say whose result a
+/// poller is owed: with the token, a status query answers `000_008` once another
+/// body's transfer was decided under the id. Derived from the fingerprint rather
+/// than the fingerprint itself, which stays out of URLs (they are logged in more
+/// places than bodies are).
+pub fn status_token(fingerprint: &str) -> String {
+    let digest = Sha256::digest(format!("status|{fingerprint}").as_bytes());
+    hex::encode(&digest[..STATUS_TOKEN_LEN / 2])
+}
+
+/// Whether `text` has the form of a [`status_token`].
+pub fn is_status_token(text: &str) -> bool {
+    text.len() == STATUS_TOKEN_LEN && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_status_token_names_one_body_in_the_form_it_is_checked_in() {
+        let r = parse(body()).unwrap();
+        let token = status_token(&r.fingerprint());
+        assert!(is_status_token(&token), "{token}");
+        assert_eq!(token, status_token(&r.fingerprint()), "the same body, the same token");
+        let other = parse(
+            json!({"userId": 1001, "fromCardNo": "9410000000000001", "toCardNo": "9410000000000002", "amount": 30001}),
+        )
+        .unwrap();
+        assert_ne!(token, status_token(&other.fingerprint()));
+        assert_ne!(token, r.fingerprint()[..STATUS_TOKEN_LEN], "the fingerprint itself stays out of the URL");
+    }
+
+    #[test]
+    fn only_32_lowercase_hex_digits_are_a_status_token() {
+        assert!(is_status_token(&"0123456789abcdef".repeat(2)));
+        for bad in ["", "0123", &"0123456789ABCDEF".repeat(2), &"0123456789abcdef".repeat(3), &"g".repeat(32)] {
+            assert!(!is_status_token(bad), "{bad:?}");
+        }
+    }
 
     fn parse(v: Value) -> Result<TransferRequest, RequestError> {
         TransferRequest::from_json(&v)

@@ -70,7 +70,9 @@ pub fn sign(creds: &Credentials, o: SignOptions<'_>) -> SignedRequest {
     };
     let token = TokenInput {
         method: o.method,
-        path: o.path,
+        // The path as the server reads it: without the query (a status query's
+        // `?request=` from a `Location`).
+        path: o.path.split_once('?').map_or(o.path, |(path, _)| path),
         asp_id: &creds.asp_id,
         correlation_id: &correlation_id,
         tran_time: &tran_time,
@@ -142,6 +144,22 @@ mod tests {
         assert!(signed.body.is_empty());
         assert!(signed.headers.iter().any(|(k, _)| k == CRYPTO_KEY_ID));
         assert!(!signed.curl("http://x").contains("--data-binary"));
+    }
+
+    #[test]
+    fn a_status_query_from_a_location_is_sent_with_its_query_and_signed_without_it() {
+        let path = "/api/v1/transfer/balance/261124153000-0000001";
+        let located = format!("{path}?request={}", "0".repeat(32));
+        let signed = |p: &str| {
+            let mut o = options("GET", b"");
+            (o.path, o.correlation_id) = (p, Some("261124153000-0000001".into()));
+            o.now = "2026-11-24T06:30:00Z".parse().unwrap();
+            sign(&creds("DEMOACCESSKEY000000000000000000000000001"), o)
+        };
+        let (with_query, without) = (signed(&located), signed(path));
+        assert_eq!(with_query.path, located);
+        let token = |r: &SignedRequest| r.headers.iter().find(|(k, _)| k == TRAN_TOKEN).unwrap().1.clone();
+        assert_eq!(token(&with_query), token(&without), "the server verifies the path alone");
     }
 
     #[test]

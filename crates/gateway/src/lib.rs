@@ -20,7 +20,7 @@ use crate::auth::{parse_headers, Authenticator, Caller, CORRELATION_ID, CRYPTO_K
 use crate::error::{body_json, ApiError};
 use crate::replies::ReplyRouter;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -30,6 +30,7 @@ use cardflow_bus::rdkafka::producer::{FutureProducer, FutureRecord};
 use cardflow_bus::rdkafka::util::Timeout;
 use cardflow_bus::BusConfig;
 use cardflow_domain::command::SCHEMA_VERSION;
+use cardflow_domain::request::{is_status_token, status_token};
 use cardflow_domain::{ReplyAddress, ResultCode, TransferCommand, TransferRequest, TransferResult};
 use cardflow_ledger::transfers::{self, RequestKey, Submission};
 use cardflow_telemetry::Metrics;
@@ -40,6 +41,8 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 pub const TRANSFER_PATH: &str = "/api/v1/transfer/balance";
+/// The status query's parameter that names the body ([`status_token`]).
+pub const STATUS_TOKEN_PARAM: &str = "request";
 
 /// The gateway's settings (see the README's configuration table).
 #[derive(Debug, Clone)]
@@ -182,13 +185,19 @@ impl Answer {
         }
     }
 
-    fn pending(correlation_id: &str) -> Self {
+    /// `202`, with the status query of the request as its `Location`: of the body
+    /// the token names, when one does.
+    fn pending(correlation_id: &str, token: Option<&str>) -> Self {
         let code = ResultCode::Pending;
+        let location = match token {
+            Some(t) => format!("{TRANSFER_PATH}/{correlation_id}?{STATUS_TOKEN_PARAM}={t}"),
+            None => format!("{TRANSFER_PATH}/{correlation_id}"),
+        };
         Answer {
             status: StatusCode::ACCEPTED,
             body: body_json(code, code.message(), None),
             code,
-            location: Some(format!("{TRANSFER_PATH}/{correlation_id}")),
+            location: Some(location),
             retry_after: Some(1),
         }
     }
@@ -344,10 +353,7 @@ async fn transfer(
     let key =
         RequestKey { asp_id: asp.to_string(), correlation_id: corr.to_string(), fingerprint: fingerprint.clone() };
     let known = app.submissions.lookup(key.clone()).instrument(tracing::info_span!("lookup request")).await;
-    // With another body pending under the id, only this request's own reply tells
-    // it which body won: it waits for that even when it asked for `respond-async`,
-    // and is never sent to the `Location`, which answers for the id.
-    let another_body_pending = match known.map_err(fail)? {
+    match known.map_err(fail)? {
         Submission::Conflict => return Err(fail(ApiError::new(ResultCode::CorrelationIdReused))),
         Submission::Decided(stored) => {
             return Ok((
@@ -355,9 +361,10 @@ async fn transfer(
                 caller,
             ))
         }
-        Submission::InFlightWithAnotherBody => true,
-        Submission::New | Submission::InFlight => false,
-    };
+        Submission::New | Submission::InFlight => {}
+    }
+    // The `Location` of a `202` names this body, not only the id (see `status_token`).
+    let token = status_token(&fingerprint);
 
     let publish_span = tracing::info_span!("transfer.commands publish", otel.kind = "producer");
     // Exported traces continue from the produce span; otherwise the context the
@@ -371,7 +378,7 @@ async fn transfer(
         request,
         fingerprint,
         reply_to: ReplyAddress { topic: app.bus.topics.results.clone(), partition: app.config.reply_partition },
-        awaits_reply: another_body_pending || !wants_async(headers),
+        awaits_reply: !wants_async(headers),
         submitted_at: chrono::Utc::now(),
     };
     // Registered before publishing, so a fast reply cannot be missed.
@@ -387,7 +394,7 @@ async fn transfer(
         tracing::warn!(error = %e, "recording the submission failed");
     }
     let Some(reply) = reply else {
-        return Ok((Answer::pending(corr), caller));
+        return Ok((Answer::pending(corr, Some(&token)), caller));
     };
     let remaining = app.config.reply_deadline.saturating_sub(started.elapsed());
     match tokio::time::timeout(remaining, reply).await {
@@ -398,16 +405,10 @@ async fn transfer(
             }
             Ok((Answer::of_result(&result), caller))
         }
-        _ if another_body_pending => {
-            Metrics::global().reply_fallbacks.inc();
-            // Sending it again under the same id is answered exactly once decided.
-            tracing::info!("deadline passed with another body pending under the id; answering 503");
-            Err(fail(ApiError::unavailable()))
-        }
         _ => {
             Metrics::global().reply_fallbacks.inc();
             tracing::info!("deadline passed; answering 202");
-            Ok((Answer::pending(corr), caller))
+            Ok((Answer::pending(corr, Some(&token)), caller))
         }
     }
 }
@@ -459,6 +460,7 @@ async fn get_transfer(
     // invalid correlation id (JSON, the result-code table), not with axum's
     // plain-text rejection.
     target: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    query: Result<Query<StatusQuery>, axum::extract::rejection::QueryRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -468,18 +470,29 @@ async fn get_transfer(
     let echo = echo_correlation_id(&headers);
     let span = request_span("GET", "/api/v1/transfer/balance/{correlationId}", &headers);
     let target = target.map(|Path(t)| t).unwrap_or_default();
-    let (answer, caller) = match status(&app, &target, &method, &uri, &headers, body).instrument(span.clone()).await {
-        Ok((answer, caller)) => (answer, Some(caller)),
-        Err((e, caller)) => (Answer::of_error(&e), caller),
-    };
+    // A query that does not parse (the parameter given twice) is answered like a
+    // malformed token, after authentication.
+    let token = query.map(|Query(q)| q.request).map_err(|_| ());
+    let (answer, caller) =
+        match status(&app, &target, token, &method, &uri, &headers, body).instrument(span.clone()).await {
+            Ok((answer, caller)) => (answer, Some(caller)),
+            Err((e, caller)) => (Answer::of_error(&e), caller),
+        };
     span.record("code", answer.code.code());
     record("transfer_status", &answer, started);
     answer.into_response(echo.as_deref(), caller.as_ref())
 }
 
+/// The status query's parameters; others are ignored.
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    request: Option<String>,
+}
+
 async fn status(
     app: &App,
     target: &str,
+    token: Result<Option<String>, ()>,
     method: &Method,
     uri: &Uri,
     headers: &HeaderMap,
@@ -491,13 +504,23 @@ async fn status(
     let fail = |e: ApiError| (e, Some(caller.clone()));
     within_rate(app, &caller).map_err(fail)?;
     let target = cardflow_domain::CorrelationId::parse(target).map_err(|_| fail(ApiError::invalid("correlationId")))?;
+    let token = match token {
+        Ok(t) if t.as_deref().is_none_or(is_status_token) => t,
+        _ => return Err(fail(ApiError::invalid(STATUS_TOKEN_PARAM))),
+    };
     // An ASP sees only its own requests: the key includes the caller's AspId.
     match transfers::status(&app.pool, caller.asp_id.as_str(), target.as_str()).await.map_err(|e| fail(e.into()))? {
+        // The id was decided for another body than the one the token names.
+        Some(Submission::Decided(stored))
+            if token.as_ref().is_some_and(|t| *t != status_token(&stored.fingerprint)) =>
+        {
+            Err(fail(ApiError::new(ResultCode::CorrelationIdReused)))
+        }
         Some(Submission::Decided(stored)) => {
             let result = stored.result_for(caller.asp_id.clone(), target);
             Ok((Answer::of_result(&result), caller))
         }
-        Some(_) => Ok((Answer::pending(target.as_str()), caller)),
+        Some(_) => Ok((Answer::pending(target.as_str(), token.as_deref()), caller)),
         None => Err(fail(ApiError::new(ResultCode::NotFound))),
     }
 }

@@ -10,10 +10,11 @@
 use crate::auth::{ACCESS_KEY, ASP_ID, CORRELATION_ID, CRYPTO_KEY_ID, TIME_ZONE, TRAN_TIME, TRAN_TOKEN};
 use crate::crypto::TokenInput;
 use crate::error::body_json;
-use crate::TRANSFER_PATH;
+use crate::{STATUS_TOKEN_PARAM, TRANSFER_PATH};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use cardflow_domain::request::{status_token, STATUS_TOKEN_LEN};
 use cardflow_domain::time_zone::SUPPORTED;
 use cardflow_domain::{AccessKey, AspId, CardNo, CorrelationId, CryptoKeyId, Money, ResultCode, TranToken, UserId};
 use serde_json::{json, Map, Value};
@@ -56,12 +57,10 @@ impl Operation {
         match self {
             // 000_012 is the status query's own: "No request with this correlation id."
             Operation::Transfer => code != ResultCode::NotFound,
-            // The status query sends no body, so nothing to conflict with a stored
-            // request, to decrypt or to parse.
-            Operation::Status => !matches!(
-                code,
-                ResultCode::CorrelationIdReused | ResultCode::DecryptionFailed | ResultCode::MalformedBody
-            ),
+            // The status query sends no body, so nothing to decrypt or to parse;
+            // `000_008` is its answer when the id was decided for another body than
+            // the one its `request` names.
+            Operation::Status => !matches!(code, ResultCode::DecryptionFailed | ResultCode::MalformedBody),
         }
     }
 }
@@ -229,19 +228,22 @@ fn transfer_operation() -> Value {
 }
 
 fn status_operation() -> Value {
-    let mut parameters = vec![parameter_ref("correlationId")];
+    let mut parameters = vec![parameter_ref("correlationId"), parameter_ref(STATUS_TOKEN_PARAM)];
     parameters.extend(SIGNED_HEADERS.iter().map(|h| parameter_ref(h)));
     json!({
         "tags": ["transfer"],
         "operationId": "transferStatus",
         "summary": "The result of a transfer",
         "description": format!(
-            "Signed like the transfer, over an empty body and this path. Answers the final result exactly as \
-             the transfer would have (same status, body and encryption), 202 `{pending}` while it is pending, \
-             and 404 `{not_found}` when the caller's ASP sent no request under this correlation id (or it is \
-             not recorded yet: send the transfer again under the same id).",
+            "Signed like the transfer, over an empty body and this path without its query. Answers the final \
+             result exactly as the transfer would have (same status, body and encryption), 202 `{pending}` while \
+             it is pending, and 404 `{not_found}` when the caller's ASP sent no request under this correlation \
+             id (or it is not recorded yet: send the transfer again under the same id). Call it as the 202's \
+             `Location` gives it, with `request`: then it answers for that body, and `{reused}` once the id was \
+             decided for another body.",
             pending = ResultCode::Pending.code(),
             not_found = ResultCode::NotFound.code(),
+            reused = ResultCode::CorrelationIdReused.code(),
         ),
         "parameters": parameters,
         "responses": responses(Operation::Status),
@@ -414,6 +416,19 @@ fn components() -> Value {
             "schema": correlation_id_schema(),
             "example": "261124153000-00000a1",
         },
+        STATUS_TOKEN_PARAM: {
+            "name": STATUS_TOKEN_PARAM,
+            "in": "query",
+            "required": false,
+            "description": format!(
+                "The body the status is asked for, as the 202's `Location` names it. Without it the answer is \
+                 the id's, whichever body was decided under it. Not in the signed path. A value of another form \
+                 is `{}`.",
+                ResultCode::InvalidValue.code()
+            ),
+            "schema": {"type": "string", "pattern": format!("^[0-9a-f]{{{STATUS_TOKEN_LEN}}}$")},
+            "example": status_token(&"0".repeat(64)),
+        },
     });
     let pending_status = example_answer(ResultCode::Pending)["status"].clone();
     let codes: Vec<&str> = {
@@ -504,7 +519,10 @@ fn components() -> Value {
             "schema": id_string(CryptoKeyId::LEN),
         },
         "Location": {
-            "description": format!("Where the result will be: `{}`.", status_path()),
+            "description": format!(
+                "Where the result will be: `{}?{STATUS_TOKEN_PARAM}={{token}}`, the token naming this body.",
+                status_path()
+            ),
             "schema": {"type": "string", "format": "uri-reference"},
         },
         "Retry-After": {

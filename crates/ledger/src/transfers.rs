@@ -142,11 +142,6 @@ pub enum Submission {
     /// Published before and not decided yet: publish again (the worker answers a
     /// repeat from the stored result; a lost earlier publish is healed this way).
     InFlight,
-    /// Published before with another body, and not decided yet. Which body wins is
-    /// the worker's to decide, so this one is published too, but it must hear its
-    /// own answer: a `202`'s `Location` answers for the id, and so may give the
-    /// other body's result.
-    InFlightWithAnotherBody,
     /// Seen before and decided: answer the stored result.
     Decided(StoredTransfer),
     /// Stored by the ledger with a different request: `000_008`.
@@ -220,8 +215,7 @@ fn judge(transfer: Option<StoredTransfer>, submitted: Option<String>, fingerprin
     // the loser `000_008` under its own fingerprint.
     match submitted {
         None => Submission::New,
-        Some(f) if f == fingerprint => Submission::InFlight,
-        Some(_) => Submission::InFlightWithAnotherBody,
+        Some(_) => Submission::InFlight,
     }
 }
 
@@ -293,8 +287,8 @@ mod tests {
     }
 
     #[test]
-    fn a_recorded_submission_with_another_body_is_in_flight_with_another_body_until_the_ledger_decides() {
-        assert_eq!(judge(None, Some("g".into()), "f"), Submission::InFlightWithAnotherBody);
+    fn a_recorded_submission_with_another_body_is_in_flight_until_the_ledger_decides() {
+        assert_eq!(judge(None, Some("g".into()), "f"), Submission::InFlight);
     }
 
     #[test]
