@@ -246,7 +246,7 @@ pub async fn run_worker(
             if schedule::starts_now(in_flight.len(), max_in_flight, free, max_batch, lingered) {
                 let (partitions, messages) = waiting.take(&busy, max_batch);
                 linger_until = None;
-                let (applying, messages) = ownership.start_batch(&partitions, messages, |m| m.partition());
+                let (applying, messages) = ownership.start_batch(messages, |m| m.partition());
                 if messages.is_empty() {
                     continue;
                 }

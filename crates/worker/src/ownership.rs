@@ -18,10 +18,15 @@
 //! batch may commit is decided under the lock the revoke takes, in one step with
 //! the commit itself, so a revoke cannot give up between the two.
 //!
+//! One fact decides it: a batch may commit a partition while it is the batch
+//! applying it. A revoke that completes has either seen the batch finish or taken
+//! the partition from it; no other batch takes a partition a batch holds (the
+//! worker's loop gives each partition to one batch at a time).
+//!
 //! The revoke runs in librdkafka's rebalance callback, on the thread that polls
 //! the consumer; the batches finish on others.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,8 +47,6 @@ struct State {
     generation: Generation,
     /// Each partition's latest revoke.
     revoked_at: BTreeMap<i32, Generation>,
-    /// Revoked partitions whose revoke still waits for their batches.
-    draining: BTreeSet<i32>,
     /// The batch applying each partition now. A revoke that gives up on a batch
     /// takes its partitions out of here: that is what keeps it from committing
     /// them, and a later revoke from waiting for it.
@@ -63,7 +66,6 @@ impl State {
 pub struct Applying {
     ownership: Arc<Ownership>,
     id: BatchId,
-    generation: Generation,
 }
 
 impl Ownership {
@@ -78,24 +80,24 @@ impl Ownership {
         self.lock().generation
     }
 
-    /// A batch starts applying `partitions`: keeps the commands still fresh and
-    /// returns them with the batch's hold on the partitions. In one step, so a
-    /// revoke either waits for the batch or made its commands stale before.
+    /// A batch starts: keeps the commands still fresh and returns them with the
+    /// batch's hold on their partitions (only those: a revoke does not wait for a
+    /// batch that applies nothing of its partition). In one step, so a revoke
+    /// either waits for the batch or made its commands stale before.
     pub fn start_batch<T>(
         self: &Arc<Self>,
-        partitions: &[i32],
         commands: Vec<(Generation, T)>,
         partition_of: impl Fn(&T) -> i32,
     ) -> (Applying, Vec<T>) {
         let mut state = self.lock();
         let id = state.next_batch;
         state.next_batch += 1;
-        for p in partitions {
-            state.applying.insert(*p, id);
+        let fresh: Vec<T> =
+            commands.into_iter().filter(|(g, c)| !state.revoked_after(partition_of(c), *g)).map(|(_, c)| c).collect();
+        for c in &fresh {
+            state.applying.insert(partition_of(c), id);
         }
-        let fresh = commands.into_iter().filter(|(g, c)| !state.revoked_after(partition_of(c), *g)).map(|(_, c)| c);
-        let fresh = fresh.collect();
-        (Applying { ownership: self.clone(), id, generation: state.generation }, fresh)
+        (Applying { ownership: self.clone(), id }, fresh)
     }
 
     /// Gives `partitions` up: what was received of them becomes stale at once, and
@@ -108,36 +110,28 @@ impl Ownership {
         let generation = state.generation;
         for p in partitions {
             state.revoked_at.insert(*p, generation);
-            state.draining.insert(*p);
         }
         let (mut state, waited) = self
             .released
             .wait_timeout_while(state, bound, |s| partitions.iter().any(|p| s.applying.contains_key(p)))
             .unwrap_or_else(|e| e.into_inner());
-        for p in partitions {
-            if waited.timed_out() {
+        if waited.timed_out() {
+            for p in partitions {
                 state.applying.remove(p);
             }
-            state.draining.remove(p);
         }
         !waited.timed_out()
     }
 }
 
 impl Applying {
-    /// Runs `commit` with those of `partitions` this batch may still commit: the
-    /// ones it was not given up on, not revoked since it was taken or whose revoke
-    /// still waits for it. Under the revoke's lock, so `commit` must not block (an
-    /// asynchronous offset commit only queues the request).
+    /// Runs `commit` with those of `partitions` this batch still applies: not given
+    /// up on by a revoke (one that waits for the batch leaves them to it). Under the
+    /// revoke's lock, so `commit` must not block (an asynchronous offset commit only
+    /// queues the request).
     pub fn commit_owned<R>(&self, partitions: impl IntoIterator<Item = i32>, commit: impl FnOnce(&[i32]) -> R) -> R {
         let state = self.ownership.lock();
-        let owned: Vec<i32> = partitions
-            .into_iter()
-            .filter(|p| {
-                state.applying.get(p) == Some(&self.id)
-                    && (!state.revoked_after(*p, self.generation) || state.draining.contains(p))
-            })
-            .collect();
+        let owned: Vec<i32> = partitions.into_iter().filter(|p| state.applying.get(p) == Some(&self.id)).collect();
         commit(&owned)
     }
 }
@@ -172,7 +166,7 @@ mod tests {
         assert!(o.revoke(&[1], Duration::ZERO));
         let after = o.generation();
         let commands = [received(before, &[(0, 7), (1, 8)]), received(after, &[(1, 9)])].concat();
-        let (_batch, fresh) = o.start_batch(&[0, 1], commands, |c| c.0);
+        let (_batch, fresh) = o.start_batch(commands, |c| c.0);
         assert_eq!(fresh, vec![(0, 7), (1, 9)], "another partition's commands and those received after stay");
     }
 
@@ -182,14 +176,14 @@ mod tests {
         let before = o.generation();
         o.revoke(&[1], Duration::ZERO);
         o.revoke(&[0], Duration::ZERO);
-        let (_batch, fresh) = o.start_batch(&[1], received(before, &[(1, 8)]), |c| c.0);
+        let (_batch, fresh) = o.start_batch(received(before, &[(1, 8)]), |c| c.0);
         assert!(fresh.is_empty());
     }
 
     #[test]
     fn a_revoke_waits_for_the_batch_applying_the_partition_which_may_commit_meanwhile() {
         let o = Arc::new(Ownership::default());
-        let (batch, _) = o.start_batch(&[1, 2], received(0, &[(1, 1), (2, 1)]), |c| c.0);
+        let (batch, _) = o.start_batch(received(0, &[(1, 1), (2, 1)]), |c| c.0);
         let batch = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
             committable(&batch, [1, 2])
@@ -203,7 +197,7 @@ mod tests {
     #[test]
     fn a_revoke_does_not_wait_for_batches_of_other_partitions() {
         let o = Arc::new(Ownership::default());
-        let (_batch, _) = o.start_batch(&[2], received(0, &[(2, 1)]), |c| c.0);
+        let (_batch, _) = o.start_batch(received(0, &[(2, 1)]), |c| c.0);
         let started = Instant::now();
         assert!(o.revoke(&[1], Duration::from_secs(10)));
         assert!(started.elapsed() < Duration::from_secs(1));
@@ -212,7 +206,7 @@ mod tests {
     #[test]
     fn a_batch_that_outlives_the_bound_may_not_commit_the_revoked_partition() {
         let o = Arc::new(Ownership::default());
-        let (batch, _) = o.start_batch(&[1, 2], received(0, &[(1, 1), (2, 1)]), |c| c.0);
+        let (batch, _) = o.start_batch(received(0, &[(1, 1), (2, 1)]), |c| c.0);
         assert!(!o.revoke(&[1], Duration::from_millis(50)), "the bound passed");
         assert_eq!(committable(&batch, [1, 2]), vec![2]);
     }
@@ -220,18 +214,31 @@ mod tests {
     #[test]
     fn a_late_batch_may_not_commit_a_partition_revoked_and_assigned_again() {
         let o = Arc::new(Ownership::default());
-        let (late, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
+        let (late, _) = o.start_batch(received(0, &[(1, 1)]), |c| c.0);
         o.revoke(&[1], Duration::ZERO);
         // Assigned again: the new generation's batches commit it, the old one never.
-        let (again, _) = o.start_batch(&[1], Vec::new(), |c: &(i32, i64)| c.0);
+        let (again, _) = o.start_batch(received(o.generation(), &[(1, 2)]), |c| c.0);
         assert_eq!(committable(&late, [1]), Vec::<i32>::new());
         assert_eq!(committable(&again, [1]), vec![1]);
     }
 
     #[test]
+    fn a_revoke_does_not_wait_for_a_batch_that_applies_nothing_of_the_partition() {
+        let o = Arc::new(Ownership::default());
+        let before = o.generation();
+        o.revoke(&[1], Duration::ZERO);
+        let commands = [received(before, &[(1, 8)]), received(o.generation(), &[(2, 1)])].concat();
+        let (_batch, fresh) = o.start_batch(commands, |c| c.0);
+        assert_eq!(fresh, vec![(2, 1)], "partition 1's command was stale");
+        let started = Instant::now();
+        assert!(o.revoke(&[1], Duration::from_secs(10)));
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
     fn a_batch_that_panics_releases_its_partitions() {
         let o = Arc::new(Ownership::default());
-        let (batch, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
+        let (batch, _) = o.start_batch(received(0, &[(1, 1)]), |c| c.0);
         let failed = std::thread::spawn(move || {
             let _batch = batch;
             panic!("the batch's task failed");
@@ -246,15 +253,16 @@ mod tests {
     #[test]
     fn a_batch_given_up_on_may_not_commit_while_a_later_revoke_drains() {
         let o = Arc::new(Ownership::default());
-        let (late, _) = o.start_batch(&[1], received(0, &[(1, 1)]), |c| c.0);
+        let (late, _) = o.start_batch(received(0, &[(1, 1)]), |c| c.0);
         assert!(!o.revoke(&[1], Duration::ZERO), "the first revoke gives up on the batch");
         // Assigned again with partition 2, whose batch a second revoke of both waits for.
-        let (current, _) = o.start_batch(&[2], received(o.generation(), &[(2, 1)]), |c| c.0);
+        let (current, _) = o.start_batch(received(o.generation(), &[(2, 1)]), |c| c.0);
+        let before = o.generation();
         let revoke = {
             let o = o.clone();
             std::thread::spawn(move || o.revoke(&[1, 2], Duration::from_secs(10)))
         };
-        while !o.lock().draining.contains(&1) {
+        while o.generation() == before {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(committable(&late, [1]), Vec::<i32>::new(), "given up on, it never commits");
