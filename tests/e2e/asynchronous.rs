@@ -237,16 +237,28 @@ async fn a_command_whose_fingerprint_is_not_its_requests_is_dead_lettered_and_th
 /// A gateway of a later release may write a version this worker does not read: the
 /// command is kept in the dead-letter topic, and its caller is told it failed rather
 /// than left pending. Redriven later, it is a repeat of a request already answered.
+/// Writes a command of schema version 2, changed by `edit`, as a gateway of a later
+/// release would; its answers go to results partition 3, which no gateway reads.
+async fn produce_later_version(
+    sys: &System,
+    m: &Member,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> cardflow_domain::TransferCommand {
+    let command = crate::transfer::command(m, 0, 1, Some(100), 3, sys);
+    let mut later = serde_json::to_value(&command).unwrap();
+    later["schemaVersion"] = serde_json::json!(2);
+    edit(&mut later);
+    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), later.to_string().as_bytes(), None).await;
+    command
+}
+
 #[tokio::test]
 async fn a_command_of_an_unknown_schema_version_is_dead_lettered_answered_017_002_and_a_redrive_moves_nothing() {
     let sys = shared();
     let pool = sys.pool().await;
     let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
-    let command = crate::transfer::command(&m, 0, 1, Some(100), 3, sys);
+    let command = produce_later_version(sys, &m, |_| {}).await;
     let cid = command.correlation_id.to_string();
-    let mut later = serde_json::to_value(&command).unwrap();
-    later["schemaVersion"] = serde_json::json!(2);
-    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), later.to_string().as_bytes(), None).await;
 
     let reason = dead_letter_reason(sys, m.card(0)).await;
     assert_eq!(reason, "unsupported schema version 2");
@@ -268,12 +280,9 @@ async fn a_command_of_an_unknown_schema_version_is_answered_017_002_whatever_its
     let sys = shared();
     let pool = sys.pool().await;
     let m = seed_member(&pool, &[CardSpec::prepaid(1_000), CardSpec::prepaid(0)]).await;
-    let command = crate::transfer::command(&m, 0, 1, Some(100), 3, sys);
+    let command =
+        produce_later_version(sys, &m, |c| c["fingerprint"] = serde_json::json!("v2:fingerprinted-another-way")).await;
     let cid = command.correlation_id.to_string();
-    let mut later = serde_json::to_value(&command).unwrap();
-    later["schemaVersion"] = serde_json::json!(2);
-    later["fingerprint"] = serde_json::json!("v2:fingerprinted-another-way");
-    produce(&sys.bus, &sys.bus.topics.commands, m.card(0), later.to_string().as_bytes(), None).await;
 
     assert_eq!(dead_letter_reason(sys, m.card(0)).await, "unsupported schema version 2");
     let results = crate::transfer::results_for(sys, 3, std::slice::from_ref(&cid), 1).await;
