@@ -236,6 +236,28 @@ mod tests {
     }
 
     #[test]
+    fn a_revoke_cannot_give_up_on_a_batch_between_its_check_and_its_commit() {
+        let o = Arc::new(Ownership::default());
+        let (batch, _) = o.start_batch(received(0, &[(1, 1)]), |c| c.0);
+        let (checked, committing) = std::sync::mpsc::channel();
+        let commit = std::thread::spawn(move || {
+            let committed = batch.commit_owned([1], |owned| {
+                checked.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(200));
+                owned.to_vec()
+            });
+            (committed, batch)
+        });
+        committing.recv().unwrap();
+        let started = Instant::now();
+        assert!(!o.revoke(&[1], Duration::from_millis(10)), "the batch outlives the bound");
+        assert!(started.elapsed() >= Duration::from_millis(150), "the revoke waited for the commit under way");
+        let (committed, batch) = commit.join().unwrap();
+        assert_eq!(committed, vec![1], "the commit under way went through, before the revoke gave up");
+        assert_eq!(committable(&batch, [1]), Vec::<i32>::new(), "and none after it");
+    }
+
+    #[test]
     fn a_batch_that_panics_releases_its_partitions() {
         let o = Arc::new(Ownership::default());
         let (batch, _) = o.start_batch(received(0, &[(1, 1)]), |c| c.0);
