@@ -132,9 +132,27 @@ impl Fixture {
                 decode_key(&k.key).map_err(|e| bad(format!("key {:?}: {e}", k.key_id)))?;
             }
         }
+        for p in &self.products {
+            if !is_whole_money(p.max_balance) {
+                return Err(bad(format!("product {}: maxBalance is not a whole, non-negative amount", p.product_id)));
+            }
+            if p.min_usage_rate.is_some_and(|r| r.is_sign_negative() || r > Decimal::ONE) {
+                return Err(bad(format!("product {}: minUsageRate is not a share in 0..1", p.product_id)));
+            }
+        }
         for c in &self.cards {
-            if c.balance.is_sign_negative() || c.total_loaded.is_sign_negative() {
-                return Err(bad(format!("card {}: negative money", c.card_no)));
+            // The API moves whole amounts only: a fraction on a card could never be
+            // moved but by a whole-balance transfer, which would then move it too.
+            let money =
+                [("balance", Some(c.balance)), ("totalLoaded", Some(c.total_loaded)), ("maxBalance", c.max_balance)];
+            if let Some((field, _)) = money.iter().find(|(_, v)| v.is_some_and(|v| !is_whole_money(v))) {
+                return Err(bad(format!("card {}: {field} is not a whole, non-negative amount", c.card_no.masked())));
+            }
+            // A card holds no more than was loaded onto it (what it received counts as
+            // loaded): otherwise its usage rate is negative and a gift card could
+            // never be collected.
+            if c.total_loaded < c.balance {
+                return Err(bad(format!("card {}: totalLoaded is below its balance", c.card_no.masked())));
             }
         }
         Ok(())
@@ -261,6 +279,10 @@ impl Fixture {
     }
 }
 
+fn is_whole_money(v: Decimal) -> bool {
+    !v.is_sign_negative() && v.fract().is_zero()
+}
+
 fn decode_key(b64: &str) -> Result<Vec<u8>, String> {
     let key = base64::engine::general_purpose::STANDARD.decode(b64).map_err(|e| e.to_string())?;
     if key.len() != 32 {
@@ -278,6 +300,46 @@ mod tests {
         let text = include_str!("../../../fixtures/demo.json");
         let f = Fixture::from_json(text).unwrap();
         assert!(!f.cards.is_empty());
+    }
+
+    fn with_card(card: &str) -> String {
+        format!(
+            r#"{{"cards":[{{"cardNo":"9410000000000001","userId":1001,"productId":"P","status":"ACTIVE",
+                "expiresOn":"2030-12-31",{card}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn a_card_with_whole_money_and_no_more_than_it_was_loaded_is_taken() {
+        let text = with_card(r#""balance":300,"totalLoaded":1000,"maxBalance":2000"#);
+        assert!(Fixture::from_json(&text).is_ok());
+    }
+
+    #[test]
+    fn a_card_with_a_fraction_or_negative_money_is_refused_naming_the_field() {
+        for (card, field) in [
+            // A fraction as a JSON number does not even parse; as a string it does.
+            (r#""balance":"100.5","totalLoaded":1000,"maxBalance":null"#, "balance"),
+            (r#""balance":100,"totalLoaded":"1000.25","maxBalance":null"#, "totalLoaded"),
+            (r#""balance":100,"totalLoaded":1000,"maxBalance":-1"#, "maxBalance"),
+            (r#""balance":-1,"totalLoaded":1000,"maxBalance":null"#, "balance"),
+        ] {
+            let e = Fixture::from_json(&with_card(card)).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("not a whole"), "{card}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_card_holding_more_than_was_loaded_onto_it_is_refused() {
+        let e = Fixture::from_json(&with_card(r#""balance":1000,"totalLoaded":0,"maxBalance":null"#)).unwrap_err();
+        assert!(e.to_string().contains("totalLoaded is below its balance"), "{e}");
+    }
+
+    #[test]
+    fn a_product_with_a_usage_rate_outside_0_to_1_is_refused() {
+        let text = r#"{"products":[{"productId":"G","ownerAffiliateId":"A","kind":"GIFT","collectionAllowed":true,
+            "maxBalance":2000000,"minUsageRate":60}]}"#;
+        assert!(Fixture::from_json(text).unwrap_err().to_string().contains("minUsageRate"));
     }
 
     #[test]
