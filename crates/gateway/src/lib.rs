@@ -363,8 +363,6 @@ async fn transfer(
         }
         Submission::New | Submission::InFlight => {}
     }
-    // The `Location` of a `202` names this body, not only the id (see `status_token`).
-    let token = status_token(&fingerprint);
 
     let publish_span = tracing::info_span!("transfer.commands publish", otel.kind = "producer");
     // Exported traces continue from the produce span; otherwise the context the
@@ -393,8 +391,10 @@ async fn transfer(
         // would miss this row, and it answers 404 rather than lying.
         tracing::warn!(error = %e, "recording the submission failed");
     }
+    // The `Location` of a `202` names this body, not only the id (see `status_token`).
+    let pending = || Answer::pending(corr, Some(&status_token(&command.fingerprint)));
     let Some(reply) = reply else {
-        return Ok((Answer::pending(corr, Some(&token)), caller));
+        return Ok((pending(), caller));
     };
     let remaining = app.config.reply_deadline.saturating_sub(started.elapsed());
     match tokio::time::timeout(remaining, reply).await {
@@ -408,7 +408,7 @@ async fn transfer(
         _ => {
             Metrics::global().reply_fallbacks.inc();
             tracing::info!("deadline passed; answering 202");
-            Ok((Answer::pending(corr, Some(&token)), caller))
+            Ok((pending(), caller))
         }
     }
 }
